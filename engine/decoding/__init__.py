@@ -1,0 +1,9 @@
+"""Decoding methods: named policies in one registry, all built on the same model forward.
+
+Importing this package registers every method; look one up with `get_method(name)`.
+"""
+
+from . import dream, fast_dllm, fast_dllm_dream, llada  # noqa: F401  (registration side effects)
+from .registry import METHODS, DecodeOptions, DecodeResult, Method, get_method, methods_for
+
+__all__ = ["METHODS", "DecodeOptions", "DecodeResult", "Method", "get_method", "methods_for"]

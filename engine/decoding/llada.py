@@ -1,0 +1,91 @@
+"""Method `llada`: the published LLaDA sampler (ML-GSAI/LLaDA generate.py), token for token.
+
+Semi-autoregressive blocks; in each of `steps / num_blocks` steps per block a full forward over the whole canvas,
+Gumbel-max sampling in float64, and the integer schedule's number of commits, chosen by confidence (softmax in
+the logits' dtype) or at random, confined to the current block. Optional classifier-free guidance, EOS logit
+suppression and EOS/EoT confidence suppression, with the reference's exact (chained-assignment) semantics.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model import LLADA, DiffusionLM
+from .registry import DecodeOptions, DecodeResult, check, register
+from .sampling import gumbel_perturb, llada_schedule, random_confidence, top_k_select
+
+
+def new_canvas(prompt: torch.Tensor, gen_length: int, mask_id: int) -> torch.Tensor:
+    """[B, Lp] prompt -> [B, Lp + gen_length] canvas with every generated position MASK."""
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long,
+                   device=prompt.device)
+    x[:, : prompt.shape[1]] = prompt
+    return x
+
+
+def block_plan(opts: DecodeOptions) -> tuple[int, int, int]:
+    """(block_length, num_blocks, steps_per_block), validated the way the references assert."""
+    gen, block, steps = opts.gen_length, opts.n_block, opts.n_steps
+    check(gen > 0 and block > 0 and steps > 0, "gen_length, block_length and steps must be positive")
+    check(gen % block == 0, f"gen_length ({gen}) must be a multiple of block_length ({block})")
+    num_blocks = gen // block
+    check(steps % num_blocks == 0, f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks})")
+    return block, num_blocks, steps // num_blocks
+
+
+def guided_logits(model: DiffusionLM, x: torch.Tensor, prompt_index: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: one forward on [x; x with the prompt masked], un + (s+1)(cond - un)."""
+    un_x = x.clone()
+    un_x[prompt_index] = model.spec.mask_id
+    cond, un = torch.chunk(model.logits(torch.cat([x, un_x], dim=0)), 2, dim=0)
+    return un + (scale + 1) * (cond - un)
+
+
+@register("llada", LLADA, "LLaDA reference sampler: blocks x steps, top-k commits by confidence")
+def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
+             gen: torch.Generator | None = None) -> DecodeResult:
+    spec = model.spec
+    check(opts.remasking in ("low_confidence", "random"), f"unknown remasking {opts.remasking!r}")
+    block, num_blocks, steps = block_plan(opts)
+    lp = prompt.shape[1]
+    x = new_canvas(prompt, opts.gen_length, spec.mask_id)
+    prompt_index = x != spec.mask_id
+    calls = 0
+    for b in range(num_blocks):
+        block_end = lp + (b + 1) * block
+        counts = llada_schedule(x[:, block_end - block: block_end] == spec.mask_id, steps)
+        for i in range(steps):
+            mask_index = x == spec.mask_id
+            if opts.cfg_scale > 0:
+                logits = guided_logits(model, x, prompt_index, opts.cfg_scale)
+            else:
+                logits = model.logits(x)
+            calls += 1
+            x0, conf = _propose(logits, opts, spec, gen)
+            conf[:, block_end:] = -np.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, conf, -np.inf)
+            chosen = top_k_select(confidence, counts[:, i])
+            x[chosen] = x0[chosen]
+    return DecodeResult(ids=x[:, lp:], forward_calls=calls)
+
+
+def _propose(logits: torch.Tensor, opts: DecodeOptions, spec, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's candidate tokens [B, L] and their confidence [B, L], as the reference computes them."""
+    if opts.logits_eos_inf:
+        logits[:, :, spec.eos_id] = -torch.inf
+    noisy = gumbel_perturb(logits, opts.temperature, gen)
+    x0 = torch.argmax(noisy, dim=-1)
+    if opts.confidence_eos_eot_inf:
+        # The reference's chained assignment: EOS leaves the *noisy* logits, EoT the plain ones. At T = 0 they are
+        # the same tensor, so both vanish before the softmax; at T > 0 only EoT does.
+        noisy[:, :, spec.eos_id] = -torch.inf
+        logits[:, :, spec.eot_id] = -torch.inf
+    if opts.remasking == "low_confidence":
+        p = F.softmax(logits, dim=-1)
+        conf = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+    else:
+        conf = random_confidence((x0.shape[0], x0.shape[1]), gen, x0.device)
+    return x0, conf

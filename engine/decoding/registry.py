@@ -1,0 +1,103 @@
+"""The decoding-method registry: every method is a named policy with the same signature.
+
+    generate(model, prompt_ids [B, Lp], opts: DecodeOptions, gen: torch.Generator) -> DecodeResult
+
+Methods are looked up by name (`get_method("fast_dllm_dual")`), never switched on by flags in callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable
+
+import torch
+
+from ..model import DiffusionLM
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Every knob any method reads; each method documents which ones it uses. Defaults are the references'."""
+
+    gen_length: int = 128
+    steps: int | None = None  # None: gen_length (one token per step)
+    block_length: int | None = None  # None: gen_length (a single block)
+    temperature: float = 0.0
+    # LLaDA family
+    remasking: str = "low_confidence"  # or "random"
+    cfg_scale: float = 0.0
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    # Fast-dLLM parallel decoding
+    threshold: float | None = None
+    factor: float | None = None
+    # Dream family
+    alg: str = "entropy"  # origin | maskgit_plus | topk_margin | entropy | confidence_threshold
+    alg_temp: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    eps: float = 1e-3
+
+    @property
+    def n_steps(self) -> int:
+        return self.steps if self.steps is not None else self.gen_length
+
+    @property
+    def n_block(self) -> int:
+        return self.block_length if self.block_length is not None else self.gen_length
+
+    def with_(self, **changes) -> "DecodeOptions":
+        return replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+@dataclass
+class DecodeResult:
+    ids: torch.Tensor  # [B, gen] the canvas after the prompt (an early exit may shorten or EOS-fill it)
+    forward_calls: int = 0
+    refresh_calls: int = 0
+    info: dict = field(default_factory=dict)
+
+
+GenerateFn = Callable[[DiffusionLM, torch.Tensor, DecodeOptions, "torch.Generator | None"], DecodeResult]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str  # the model family it decodes ("llada" or "dream")
+    generate: GenerateFn
+    summary: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, family: str, summary: str):
+    def wrap(fn: GenerateFn) -> GenerateFn:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        METHODS[name] = Method(name, family, fn, summary)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown decoding method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+
+
+def methods_for(family: str) -> list[str]:
+    return sorted(n for n, m in METHODS.items() if m.family == family)
+
+
+def check(cond: bool, message: str) -> None:
+    """Option validation inside a method: a ValueError the server turns into a 400."""
+    if not cond:
+        raise ValueError(message)

@@ -1,0 +1,166 @@
+"""The bidirectional transformer both families share, with the partial forward every accelerator needs.
+
+One forward computes a chosen set of query rows per request (token ids at explicit absolute positions), writes
+their post-RoPE K/V into a per-request KVCache, attends to any subset of cached keys, and returns logits only for
+the rows asked for. A plain full forward is the special case "all positions, attend to all".
+
+Numerics follow the published model code exactly (see tests/fixtures/parity/REFERENCE_NOTES.md): RMSNorm in
+float32, LLaDA rotates q/k in float32, Dream builds cos/sin in float32 and rotates in the working dtype, SDPA with
+no mask when every key is visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_cache import KVCache
+from .spec import LLADA, ModelSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Both reference codes normalise in float32 whatever the weights' dtype, then cast back.
+        y = x.to(torch.float32)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class Rope(nn.Module):
+    """Rotary embedding at explicit (possibly non-contiguous) absolute positions."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        d = spec.head_dim
+        inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.full_precision = spec.family == LLADA
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [B, T] -> cos, sin [B, 1, T, head_dim]; a product per element, so any length rounds the same.
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+        if self.full_precision:
+            return cos, sin
+        return cos.to(dtype), sin.to(dtype)
+
+    def apply(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        src = t.float() if self.full_precision else t
+        half = src.shape[-1] // 2
+        rotated = torch.cat((-src[..., half:], src[..., :half]), dim=-1)
+        return ((src * cos) + (rotated * sin)).to(t.dtype)
+
+
+class Layer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        h, kv = spec.hidden_size, spec.num_kv_heads * spec.head_dim
+        self.attn_norm = RMSNorm(h, spec.rms_norm_eps)
+        self.q_proj = nn.Linear(h, h, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(h, kv, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(h, kv, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(h, h, bias=False)
+        self.ffn_norm = RMSNorm(h, spec.rms_norm_eps)
+        self.gate_proj = nn.Linear(h, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, h, bias=False)
+
+
+@dataclass
+class ForwardBatch:
+    """What one model call computes.
+
+    ids, positions: [B, T] query tokens and their absolute positions.
+    cache: per-request K/V store; None means "attend only among these T rows" (a cache-free full forward).
+    keys: which cache slots each row may attend to: None = slots [0, key_len); else LongTensor [B, K].
+    key_len: with keys None, attend to the first key_len slots (default: all written so far is the caller's job).
+    attn_mask: optional bool [B, 1, T, K], True = visible, for ragged batches; None = every key visible.
+    logits_rows: LongTensor [B, R] of row indices into T to return logits for; None = all T rows.
+    """
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    cache: KVCache | None = None
+    keys: torch.Tensor | None = None
+    key_len: int | None = None
+    attn_mask: torch.Tensor | None = None
+    logits_rows: torch.Tensor | None = None
+
+
+class DiffusionLM(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(Layer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.rope = Rope(spec)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        s = self.spec
+        return KVCache(s.num_layers, batch, s.num_kv_heads, capacity, s.head_dim, self.dtype, self.device)
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Plain full forward: [B, L] ids at positions 0..L-1, all keys visible -> [B, L, vocab] raw logits."""
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        return self.forward(ForwardBatch(ids=ids, positions=pos))
+
+    @torch.no_grad()
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        x = self.embed(fb.ids)  # [B, T, H]
+        cos, sin = self.rope.tables(fb.positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(i, layer, layer.attn_norm(x), cos, sin, fb)
+            h = layer.ffn_norm(x)
+            x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
+        if fb.logits_rows is not None:
+            # [B, T, H] -> [B, R, H]: only the rows whose predictions the caller will read.
+            x = torch.gather(x, 1, fb.logits_rows[..., None].expand(-1, -1, x.shape[-1]))
+        return self.lm_head(self.norm(x))
+
+    def _attention(self, i: int, layer: Layer, h, cos, sin, fb: ForwardBatch) -> torch.Tensor:
+        s = self.spec
+        B, T, _ = h.shape
+        # [B, T, heads*hd] -> [B, heads, T, hd]
+        q = layer.q_proj(h).view(B, T, s.num_heads, s.head_dim).transpose(1, 2)
+        k = layer.k_proj(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        v = layer.v_proj(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+        if fb.cache is not None:
+            fb.cache.write(i, fb.positions, k, v)
+            k, v = fb.cache.read(i, fb.keys, fb.key_len)
+        if s.num_kv_heads != s.num_heads:
+            # GQA: [B, kv_heads, K, hd] -> [B, heads, K, hd], each kv head serving a contiguous group of q heads.
+            rep = s.num_heads // s.num_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=fb.attn_mask, is_causal=False)
+        # [B, heads, T, hd] -> [B, T, H]
+        return layer.o_proj(att.transpose(1, 2).contiguous().view(B, T, s.hidden_size))
+
+
+def span_forward(model: DiffusionLM, ids: torch.Tensor, start: int, cache: KVCache | None = None,
+                 key_len: int | None = None) -> torch.Tensor:
+    """Forward a contiguous span: ids [B, T] at positions start..start+T-1, writing into `cache` and attending to
+    its slots [0, key_len). Without a cache the span attends only to itself. Returns raw logits [B, T, vocab]."""
+    pos = torch.arange(start, start + ids.shape[1], device=ids.device).expand_as(ids)
+    return model.forward(ForwardBatch(ids=ids, positions=pos, cache=cache, key_len=key_len))
