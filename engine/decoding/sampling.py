@@ -70,7 +70,7 @@ def factor_select(confidence: torch.Tensor, factor: float) -> torch.Tensor:
         thr = 1.0 - factor / (ranks + 1.0)
         thr[0] = -1.0
         failing = (vals.to(torch.float64) < thr).nonzero()
-        take = n if len(failing) == 0 or int(failing[0]) == n - 1 else int(failing[0])
+        take = n if len(failing) == 0 or int(failing[0]) == n - 1 else max(1, int(failing[0]))
         chosen[b, idx[:take]] = True
     return chosen
 

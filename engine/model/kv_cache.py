@@ -13,11 +13,13 @@ import torch
 class KVCache:
     def __init__(self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (batch, kv_heads, capacity, head_dim)
+        # One extra slot at the end: padded query rows of a ragged batch write there, never over a real position.
+        shape = (batch, kv_heads, capacity + 1, head_dim)
         # Zero-filled, not empty: a slot never written must not leak another request's memory into attention.
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.capacity = capacity
+        self.scratch = capacity
 
     @property
     def nbytes(self) -> int:
@@ -41,4 +43,4 @@ class KVCache:
     def truncate_view(self, key_len: int) -> None:
         """Zero every slot from key_len on (used when a method drops a cached suffix)."""
         for t in self.k + self.v:
-            t[:, :, key_len:].zero_()
+            t[:, :, key_len: self.capacity].zero_()

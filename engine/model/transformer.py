@@ -85,6 +85,8 @@ class ForwardBatch:
     key_len: with keys None, attend to the first key_len slots (default: all written so far is the caller's job).
     attn_mask: optional bool [B, 1, T, K], True = visible, for ragged batches; None = every key visible.
     logits_rows: LongTensor [B, R] of row indices into T to return logits for; None = all T rows.
+    valid: optional bool [B, T], False on padding rows of a ragged batch: their K/V go to the cache's scratch
+        slot instead of overwriting a real position (their outputs are garbage and must be ignored).
     """
 
     ids: torch.Tensor
@@ -94,6 +96,12 @@ class ForwardBatch:
     key_len: int | None = None
     attn_mask: torch.Tensor | None = None
     logits_rows: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+    def write_slots(self) -> torch.Tensor:
+        if self.valid is None or self.cache is None:
+            return self.positions
+        return torch.where(self.valid, self.positions, torch.full_like(self.positions, self.cache.scratch))
 
 
 class DiffusionLM(nn.Module):
@@ -128,8 +136,9 @@ class DiffusionLM(nn.Module):
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         x = self.embed(fb.ids)  # [B, T, H]
         cos, sin = self.rope.tables(fb.positions, x.dtype)
+        slots = fb.write_slots()
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer, layer.attn_norm(x), cos, sin, fb)
+            x = x + self._attention(i, layer, layer.attn_norm(x), cos, sin, slots, fb)
             h = layer.ffn_norm(x)
             x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
         if fb.logits_rows is not None:
@@ -137,7 +146,7 @@ class DiffusionLM(nn.Module):
             x = torch.gather(x, 1, fb.logits_rows[..., None].expand(-1, -1, x.shape[-1]))
         return self.lm_head(self.norm(x))
 
-    def _attention(self, i: int, layer: Layer, h, cos, sin, fb: ForwardBatch) -> torch.Tensor:
+    def _attention(self, i: int, layer: Layer, h, cos, sin, slots, fb: ForwardBatch) -> torch.Tensor:
         s = self.spec
         B, T, _ = h.shape
         # [B, T, heads*hd] -> [B, heads, T, hd]
@@ -146,7 +155,7 @@ class DiffusionLM(nn.Module):
         v = layer.v_proj(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         if fb.cache is not None:
-            fb.cache.write(i, fb.positions, k, v)
+            fb.cache.write(i, slots, k, v)
             k, v = fb.cache.read(i, fb.keys, fb.key_len)
         if s.num_kv_heads != s.num_heads:
             # GQA: [B, kv_heads, K, hd] -> [B, heads, K, hd], each kv head serving a contiguous group of q heads.

@@ -1,0 +1,139 @@
+"""The `diffuserve` command: generate, conformance, serve.
+
+Decoding flags are generated from DecodeOptions' fields, so every knob a method reads is settable from the command
+line without a hand-kept list (`--gen-length`, `--threshold`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import types
+import typing
+from dataclasses import fields
+
+from .decoding import METHODS, DecodeOptions
+
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _parse_bool(text: str) -> bool:
+    try:
+        return _BOOL_WORDS[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}") from None
+
+
+def _field_type(annotation):
+    """DecodeOptions annotations ('int | None', 'float', ...) -> an argparse type."""
+    hints = typing.get_type_hints(DecodeOptions)
+    t = hints[annotation]
+    args = [a for a in typing.get_args(t) if a is not type(None)] if isinstance(t, types.UnionType) else [t]
+    base = args[0] if args else str
+    return _parse_bool if base is bool else base
+
+
+def add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding options (defaults: the chosen method's reference defaults)")
+    g.add_argument("--method", choices=sorted(METHODS), help="decoding method (default: the family's reference)")
+    g.add_argument("--seed", type=int, default=0)
+    for f in fields(DecodeOptions):
+        g.add_argument("--" + f.name.replace("_", "-"), dest="opt_" + f.name, type=_field_type(f.name),
+                       default=None, metavar=f.name.upper())
+
+
+def decoding_options(args: argparse.Namespace) -> DecodeOptions:
+    given = {f.name: getattr(args, "opt_" + f.name) for f in fields(DecodeOptions)}
+    return DecodeOptions(**{k: v for k, v in given.items() if v is not None})
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .llm import LLM
+
+    llm = LLM(args.model, args.dtype, args.device)
+    if args.prompt_ids:
+        ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+    elif args.prompt is not None:
+        ids = llm.encode(args.prompt, chat=args.chat)
+    else:
+        print("error: give --prompt or --prompt-ids", file=sys.stderr)
+        return 2
+    out = llm.generate(ids, args.method, decoding_options(args), seed=args.seed)
+    if args.json:
+        print(json.dumps({"method": out.method, "prompt_ids": out.prompt_ids, "ids": out.canvas_ids,
+                          "completion_ids": out.completion.token_ids, "text": out.completion.text,
+                          "finish_reason": out.completion.finish_reason, "forward_passes": out.forward_calls,
+                          "wall_time_s": round(out.wall_time_s, 4)}))
+    else:
+        print(out.completion.text if llm.tokenizer is not None else " ".join(map(str, out.completion.token_ids)))
+    return 0
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .conformance import run_file, summary
+
+    def report(r):
+        if r.status != "passed" or args.verbose:
+            print(f"{r.case_id}: {r.status}: {r.detail or f'{r.seconds:.1f}s'}", flush=True)
+
+    only = (lambda c: c["method"] in args.methods.split(",")) if args.methods else None
+    results = run_file(args.cases, only=only, report=report)
+    print(summary(results))
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import serve
+
+    return serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffuserve", description="Serving engine for diffusion language models")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate once from a prompt and print the result")
+    g.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
+    g.add_argument("--prompt", help="prompt text (needs tokenizer files)")
+    g.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    g.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--json", action="store_true", help="print ids, text, forward passes and wall time as JSON")
+    add_decoding_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("conformance", help="replay reference cases (cases.json) and compare token for token")
+    c.add_argument("cases", help="path to a cases.json file")
+    c.add_argument("--methods", help="only these methods (comma-separated)")
+    c.add_argument("-v", "--verbose", action="store_true")
+    c.set_defaults(func=cmd_conformance)
+
+    s = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    s.add_argument("model", nargs="?", help="checkpoint directory")
+    s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--config", help="YAML config file (configs/)")
+    s.add_argument("--api-key", default=None)
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "float64"])
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The one configuration tree, frozen and validated once at start-up.
+
+YAML files (configs/), environment variables (DIFFUSERVE_*) and CLI flags only *build* it, in that order of
+precedence (CLI wins); nothing reads settings from anywhere else after start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from .decoding import METHODS, DecodeOptions
+from .model import DTYPES
+
+DEFAULT_METHOD = {"llada": "llada", "dream": "dream"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+    dtype: str = "float32"
+    device: str = "cpu"
+    served_model_name: str | None = None
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    method: str | None = None  # None: the reference sampler of the model's family
+    options: DecodeOptions = field(default_factory=DecodeOptions)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def validate(self) -> "Config":
+        errors = []
+        if not self.model.path:
+            errors.append("model.path is required")
+        elif not Path(self.model.path).is_dir():
+            errors.append(f"model.path {self.model.path!r} is not a directory")
+        if self.model.dtype not in DTYPES:
+            errors.append(f"model.dtype must be one of {sorted(DTYPES)}")
+        if self.model.device not in ("cpu", "cuda") and not self.model.device.startswith("cuda:"):
+            errors.append("model.device must be cpu or cuda[:N]")
+        if self.decoding.method is not None and self.decoding.method not in METHODS:
+            errors.append(f"decoding.method {self.decoding.method!r} unknown; known: {sorted(METHODS)}")
+        if not 0 < self.server.port < 65536:
+            errors.append("server.port must be in 1..65535")
+        if errors:
+            raise ValueError("invalid configuration: " + "; ".join(errors))
+        return self
+
+
+def _section(cls, values: dict, where: str):
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown keys in {where}: {sorted(unknown)}")
+    return values
+
+
+def build_config(yaml_path: str | None = None, **overrides) -> Config:
+    """YAML, then DIFFUSERVE_* environment, then keyword overrides (section__key=value, None = not given)."""
+    raw: dict[str, dict] = {"model": {}, "decoding": {}, "server": {}}
+    if yaml_path:
+        import yaml  # pyyaml comes with transformers
+
+        data = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        for section, values in data.items():
+            if section not in raw:
+                raise ValueError(f"unknown section {section!r} in {yaml_path}")
+            raw[section].update(values or {})
+    env = {"model__path": "DIFFUSERVE_MODEL", "server__api_key": "DIFFUSERVE_API_KEY",
+           "server__host": "DIFFUSERVE_HOST", "server__port": "DIFFUSERVE_PORT"}
+    for key, var in env.items():
+        if os.environ.get(var):
+            section, name = key.split("__")
+            raw[section][name] = int(os.environ[var]) if name == "port" else os.environ[var]
+    for key, value in overrides.items():
+        if value is not None:
+            section, name = key.split("__")
+            raw[section][name] = value
+    opts = dict(raw["decoding"].pop("options", {}) or {})
+    _section(DecodeOptions, opts, "decoding.options")
+    decoding = DecodingConfig(options=DecodeOptions(**opts), **_section(DecodingConfig, raw["decoding"], "decoding"))
+    return Config(model=ModelConfig(**_section(ModelConfig, raw["model"], "model")), decoding=decoding,
+                  server=ServerConfig(**_section(ServerConfig, raw["server"], "server"))).validate()
+
+
+def with_options(cfg: Config, **changes) -> Config:
+    return replace(cfg, decoding=replace(cfg.decoding, options=replace(cfg.decoding.options, **changes)))

@@ -1,0 +1,71 @@
+"""LLM: a loaded checkpoint (model + tokenizer) and one-call generation through any registered method.
+
+This is the offline entry point used by the CLI and the conformance runner's callers; the server's scheduler
+builds on the same model and methods.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import DEFAULT_METHOD
+from .decoding import DecodeOptions, get_method
+from .detokenizer import Completion, finish
+from .model import DiffusionLM, load_model
+from .model.tokenizer import load_tokenizer
+
+
+@dataclass
+class Generation:
+    method: str
+    prompt_ids: list[int]
+    canvas_ids: list[int]  # every generated position, as decoding left it
+    completion: Completion
+    forward_calls: int
+    wall_time_s: float
+
+
+class LLM:
+    def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu"):
+        self.model_dir = model_dir
+        self.model: DiffusionLM = load_model(model_dir, dtype, device)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.spec = self.model.spec
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_dir} has no tokenizer files: pass token ids instead of text")
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(f"{self.model_dir} has no chat template")
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt)["input_ids"]
+
+    def default_method(self) -> str:
+        return DEFAULT_METHOD[self.spec.family]
+
+    def generate(self, prompt_ids: list[int], method: str | None = None, opts: DecodeOptions | None = None,
+                 seed: int = 0, stop: list[str] | None = None) -> Generation:
+        name = method or self.default_method()
+        m = get_method(name)
+        if m.family != self.spec.family:
+            raise ValueError(f"method {name!r} decodes {m.family} models, not {self.spec.family}")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        opts = opts or DecodeOptions()
+        if len(prompt_ids) + opts.gen_length > self.spec.max_positions:
+            raise ValueError(f"prompt ({len(prompt_ids)}) + gen_length ({opts.gen_length}) exceeds the model's "
+                             f"{self.spec.max_positions} positions")
+        gen = torch.Generator().manual_seed(seed)
+        prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
+        t0 = time.perf_counter()
+        result = m.generate(self.model, prompt, opts, gen)
+        wall = time.perf_counter() - t0
+        canvas = result.ids[0].tolist()
+        done = finish(canvas, self.tokenizer, self.spec.stop_ids, self.spec.mask_id, stop)
+        return Generation(name, list(prompt_ids), canvas, done, result.forward_calls, wall)

@@ -1,0 +1,61 @@
+"""Shared fixtures: the parity checkpoints, small random specs, and a tokenizer built on the spot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.model import ModelSpec
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PARITY = FIXTURES / "parity"
+
+
+def small_spec(family: str, **changes) -> ModelSpec:
+    base = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=64,
+                rope_theta=10000.0, rms_norm_eps=1e-5, qkv_bias=False, max_positions=256, mask_id=299,
+                eos_id=298, pad_id=298, bos_id=297, eot_id=296)
+    if family == "dream":
+        base.update(num_kv_heads=2, qkv_bias=True, rope_theta=1e6, rms_norm_eps=1e-6, eot_id=None, bos_id=298)
+    base.update(changes)
+    return ModelSpec(family=family, **base)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def write_tokenizer(out: Path, spec: ModelSpec) -> None:
+    """A tiny byte-level BPE with the spec's special ids, saved as tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    n_special_start = min(spec.mask_id, spec.eos_id, spec.bos_id or spec.eos_id, spec.eot_id or spec.eos_id)
+    trainer = trainers.BpeTrainer(vocab_size=n_special_start, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20, "hello world " * 20], trainer)
+    names = {spec.eos_id: "<|endoftext|>", spec.mask_id: "<|mask|>"}
+    if spec.bos_id is not None:
+        names.setdefault(spec.bos_id, "<|startoftext|>")
+    if spec.eot_id is not None:
+        names.setdefault(spec.eot_id, "<|eot_id|>")
+    filler = 0
+    while tok.get_vocab_size() < min(names):
+        tok.add_tokens([f"<unused{filler}>"])
+        filler += 1
+    for i in sorted(names):
+        assert tok.get_vocab_size() == i, (tok.get_vocab_size(), i)
+        tok.add_special_tokens([names[i]])
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+           "chat_template": CHAT_TEMPLATE, "model_max_length": spec.max_positions}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+@pytest.fixture
+def tmp_model_dir(tmp_path):
+    return tmp_path

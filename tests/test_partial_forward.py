@@ -1,0 +1,103 @@
+"""The partial forward (a subset of rows against cached K/V) computes exactly what a full forward computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import PARITY, small_spec
+from engine.model import ForwardBatch, load_model
+from engine.model.saver import random_model
+
+TOL = dict(rtol=1e-10, atol=1e-10)  # float64 round-off; a wrong key, position or mask is off by >> 1e-3
+
+
+def _ids(n: int, vocab: int = 290, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_rows_against_cache_equal_full_forward(family):
+    model = random_model(small_spec(family), seed=2, dtype=torch.float64)
+    ids = _ids(40)
+    full = model.logits(ids)  # [1, 40, V]
+    cache = model.new_cache(1, 40)
+    pos = torch.arange(40)[None]
+    model.forward(ForwardBatch(ids=ids, positions=pos, cache=cache, key_len=40))
+    rows = torch.tensor([[3, 17, 18, 39]])  # non-contiguous positions
+    part = model.forward(ForwardBatch(ids=ids[:, rows[0]], positions=rows, cache=cache, key_len=40))
+    torch.testing.assert_close(part, full[:, rows[0]], **TOL)
+    assert not torch.allclose(part[0, 0], full[0, 4]), "rows must really differ from one another"
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_key_subset_equals_forward_of_that_subsequence(family):
+    """Attending to a subset S of cached keys == a full forward of just the tokens in S at their true positions."""
+    model = random_model(small_spec(family), seed=3, dtype=torch.float64)
+    ids = _ids(50, seed=1)
+    S = torch.tensor([0, 1, 2, 3, 10, 11, 12, 13, 14, 30, 49])  # prefix, a window, a far tail position
+    sub = model.forward(ForwardBatch(ids=ids[:, S], positions=S[None]))  # no cache: attend among S only
+    cache = model.new_cache(1, 50)
+    model.forward(ForwardBatch(ids=ids[:, S], positions=S[None], cache=cache, keys=S[None]))
+    q = torch.tensor([[11, 12, 49]])
+    part = model.forward(ForwardBatch(ids=ids[:, q[0]], positions=q, cache=cache, keys=S[None]))
+    where = torch.tensor([5, 6, 10])  # the rows of q inside S
+    torch.testing.assert_close(part, sub[:, where], **TOL)
+    # Changing a far-field token that is not in S changes nothing; changing one in S does.
+    ids2 = ids.clone()
+    ids2[0, 40] = (ids2[0, 40] + 1) % 290
+    again = model.forward(ForwardBatch(ids=ids2[:, q[0]], positions=q, cache=cache, keys=S[None]))
+    torch.testing.assert_close(again, part, rtol=0, atol=0)
+
+
+def test_logits_rows_select_only_those_rows():
+    model = random_model(small_spec("llada"), seed=4, dtype=torch.float64)
+    ids = _ids(20, seed=2)
+    full = model.logits(ids)
+    pick = torch.tensor([[5, 0, 19]])
+    out = model.forward(ForwardBatch(ids=ids, positions=torch.arange(20)[None], logits_rows=pick))
+    assert out.shape == (1, 3, model.spec.vocab_size)
+    torch.testing.assert_close(out, full[:, pick[0]], **TOL)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_ragged_batch_equals_separate_calls(family):
+    """Two requests' different row sets and key sets, padded into one call, give each request's own result."""
+    model = random_model(small_spec(family), seed=5, dtype=torch.float64)
+    a, b = _ids(30, seed=3), _ids(30, seed=4)
+    cache = model.new_cache(2, 30)
+    pos = torch.arange(30)[None].expand(2, -1)
+    model.forward(ForwardBatch(ids=torch.cat([a, b]), positions=pos, cache=cache, key_len=30))
+    solo = []
+    for x, rows, keys in ((a, [4, 9], list(range(20))), (b, [1, 2, 25], list(range(10)) + [25, 29])):
+        c1 = model.new_cache(1, 30)
+        model.forward(ForwardBatch(ids=x, positions=torch.arange(30)[None], cache=c1, key_len=30))
+        r, k = torch.tensor([rows]), torch.tensor([keys])
+        solo.append(model.forward(ForwardBatch(ids=x[:, r[0]], positions=r, cache=c1, keys=k))[0])
+    # Pad row sets to 3 and key sets to 20; padded keys are masked out, padded rows write to the scratch slot.
+    rows = torch.tensor([[4, 9, 0], [1, 2, 25]])
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    keys = torch.tensor([list(range(20)), list(range(10)) + [25, 29] + [0] * 8])
+    kmask = torch.tensor([[True] * 20, [True] * 12 + [False] * 8])
+    ids = torch.stack([a[0, rows[0]], b[0, rows[1]]])
+    before = [t[0, :, :30].clone() for t in cache.k]
+    out = model.forward(ForwardBatch(ids=ids, positions=rows, cache=cache, keys=keys, valid=valid,
+                                     attn_mask=kmask[:, None, None, :].expand(-1, 1, 3, -1)))
+    torch.testing.assert_close(out[0, :2], solo[0], **TOL)
+    torch.testing.assert_close(out[1], solo[1], **TOL)
+    # The padded row of request a (position 0) went to the scratch slot: a's slot 0 is untouched.
+    for layer, old in enumerate(before):
+        assert torch.equal(cache.k[layer][0, :, 0], old[:, 0])
+    assert not torch.equal(cache.k[1][0, :, 30], torch.zeros_like(cache.k[1][0, :, 30]))
+
+
+def test_parity_checkpoint_partial_forward_float64():
+    """The same property on a published-layout checkpoint (bf16 weights run in float64)."""
+    model = load_model(PARITY / "dream-tiny" / "model", torch.float64)
+    ids = torch.tensor([[151644, 872, 198, 1023, 1007, 1000, 1059, 151645, 198] + [151666] * 16])
+    full = model.logits(ids)
+    cache = model.new_cache(1, ids.shape[1])
+    model.forward(ForwardBatch(ids=ids, positions=torch.arange(ids.shape[1])[None], cache=cache, key_len=25))
+    rows = torch.tensor([[8, 9, 10, 24]])
+    part = model.forward(ForwardBatch(ids=ids[:, rows[0]], positions=rows, cache=cache, key_len=25))
+    torch.testing.assert_close(part, full[:, rows[0]], **TOL)
