@@ -1,0 +1,51 @@
+"""The config tree: YAML, environment and flags build it; it is frozen and validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from engine.config import build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_yaml_then_env_then_flags(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = build_config("configs/llada-tiny.yaml")
+    assert cfg.model.served_model_name == "llada-tiny" and cfg.decoding.method == "fast_dllm_prefix"
+    assert cfg.decoding.options.threshold == 0.9 and cfg.server.host == "127.0.0.1"
+    monkeypatch.setenv("DIFFUSERVE_PORT", "9001")
+    cfg = build_config("configs/llada-tiny.yaml", server__port=None)
+    assert cfg.server.port == 9001
+    cfg = build_config("configs/llada-tiny.yaml", server__port=9002)
+    assert cfg.server.port == 9002
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.server.port = 1
+
+
+def test_every_shipped_config_is_valid(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        build_config(str(path))
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"model__path": "/nonexistent"}, "is not a directory"),
+    ({"model__dtype": "int8"}, "model.dtype"),
+    ({"decoding__method": "warp_drive"}, "unknown"),
+    ({"server__port": 70000}, "server.port"),
+])
+def test_invalid_values_are_named(monkeypatch, override, message):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match=message):
+        build_config("configs/llada-tiny.yaml", **override)
+
+
+def test_unknown_yaml_keys_are_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: .\n  colour: blue\n")
+    with pytest.raises(ValueError, match="colour"):
+        build_config(str(bad))

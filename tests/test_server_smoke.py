@@ -1,0 +1,84 @@
+"""`diffuserve serve` as the README starts it: a real uvicorn process on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import PARITY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json",
+                                                                  **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", str(PARITY / "llada-tiny" / "model"),
+                             "--port", str(port), "--api-key", "sekret", "--served-model-name", "tiny"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError(proc.stdout.read())
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+AUTH = {"authorization": "Bearer sekret"}
+
+
+def test_completion_with_token_ids(server):
+    status, body = _post(server + "/v1/completions", {"model": "tiny", "prompt": [126080, 1000, 1001, 5],
+                                                      "max_tokens": 16, "steps": 8}, AUTH)
+    assert status == 200, body
+    assert body["object"] == "text_completion" and body["usage"]["prompt_tokens"] == 4
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_errors_are_openai_shaped(server):
+    status, body = _post(server + "/v1/completions", {"prompt": [1, 2]})
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    status, body = _post(server + "/v1/completions", {"prompt": [1, 2], "max_tokens": 0}, AUTH)
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    status, body = _post(server + "/v1/completions", {"model": "other", "prompt": [1, 2]}, AUTH)
+    assert status == 404 and body["error"]["param"] == "model"
+    status, body = _post(server + "/v1/completions", {"prompt": [1, 2], "max_tokens": 10, "block_length": 3}, AUTH)
+    assert status == 400 and "block_length" in body["error"]["message"]
+    status, body = _post(server + "/v1/completions", {"prompt": "text needs a tokenizer"}, AUTH)
+    assert status == 400 and body["error"]["param"] == "prompt"
+    status, body = _post(server + "/v1/completions", {"prompt": [1] * 400_000}, AUTH)
+    assert status == 413
+    # The server is still healthy after all of that.
+    with urllib.request.urlopen(server + "/health", timeout=5) as r:
+        assert r.status == 200
