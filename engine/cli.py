@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -84,6 +85,19 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.recipe == "text":
+        from .train.tiny_text import run
+    else:
+        from .train.tiny_task import run
+    work = Path(args.work or f".train-work/{args.recipe}")
+    record = run(Path(args.out), work, steps=args.steps, seed=args.seed)
+    print(json.dumps({k: v for k, v in record.items() if k != "log"}))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import serve
 
@@ -109,7 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("cases", help="path to a cases.json file")
     c.add_argument("--methods", help="only these methods (comma-separated)")
     c.add_argument("-v", "--verbose", action="store_true")
+    c.add_argument("--native-cpu", action="store_true",
+                   help="keep this CPU's best torch kernels instead of AVX2 (float32 cases may then differ)")
     c.set_defaults(func=cmd_conformance)
+
+    t = sub.add_parser("train", help="train a bundled model from scratch (resumable)")
+    t.add_argument("recipe", choices=["text", "task"])
+    t.add_argument("--out", required=True, help="output model directory")
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--work", help="work directory for corpus, tokenizer and checkpoints (default .train-work/)")
+    t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
     s.add_argument("model", nargs="?", help="checkpoint directory")
@@ -124,7 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _pin_cpu_kernels(argv: list[str]) -> None:
+    """Re-run `conformance` with torch's AVX2 kernels, the level the reference fixtures were produced at (float32
+    reductions round differently under AVX-512); torch reads the variable only when it loads, hence the exec."""
+    if "ATEN_CPU_CAPABILITY" in os.environ or "--native-cpu" in argv:
+        return
+    os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+    os.execv(sys.executable, [sys.executable, "-m", "engine.cli", *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["conformance"]:
+        _pin_cpu_kernels(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     args = build_parser().parse_args(argv)

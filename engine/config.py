@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .decoding import METHODS, DecodeOptions
 from .model import DTYPES
+from .model.bundled import resolve_model
 
 DEFAULT_METHOD = {"llada": "llada", "dream": "dream"}
 
@@ -92,6 +93,10 @@ def build_config(yaml_path: str | None = None, **overrides) -> Config:
         if value is not None:
             section, name = key.split("__")
             raw[section][name] = value
+    try:  # a bundled model's name (or nothing: the default bundled model) becomes its directory
+        raw["model"]["path"] = resolve_model(raw["model"].get("path"))
+    except FileNotFoundError as exc:
+        raise ValueError(f"invalid configuration: {exc}") from None
     opts = dict(raw["decoding"].pop("options", {}) or {})
     _section(DecodeOptions, opts, "decoding.options")
     decoding = DecodingConfig(options=DecodeOptions(**opts), **_section(DecodingConfig, raw["decoding"], "decoding"))

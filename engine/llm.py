@@ -15,6 +15,7 @@ from .config import DEFAULT_METHOD
 from .decoding import DecodeOptions, get_method
 from .detokenizer import Completion, finish
 from .model import DiffusionLM, load_model
+from .model.bundled import resolve_model
 from .model.tokenizer import load_tokenizer
 
 
@@ -30,6 +31,7 @@ class Generation:
 
 class LLM:
     def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu"):
+        model_dir = resolve_model(model_dir)  # a bundled model's name works too
         self.model_dir = model_dir
         self.model: DiffusionLM = load_model(model_dir, dtype, device)
         self.tokenizer = load_tokenizer(model_dir)

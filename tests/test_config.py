@@ -33,7 +33,7 @@ def test_every_shipped_config_is_valid(monkeypatch):
 
 
 @pytest.mark.parametrize("override,message", [
-    ({"model__path": "/nonexistent"}, "is not a directory"),
+    ({"model__path": "/nonexistent"}, "neither a directory nor a bundled model"),
     ({"model__dtype": "int8"}, "model.dtype"),
     ({"decoding__method": "warp_drive"}, "unknown"),
     ({"server__port": 70000}, "server.port"),

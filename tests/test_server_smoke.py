@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import subprocess
@@ -77,8 +78,16 @@ def test_errors_are_openai_shaped(server):
     assert status == 400 and "block_length" in body["error"]["message"]
     status, body = _post(server + "/v1/completions", {"prompt": "text needs a tokenizer"}, AUTH)
     assert status == 400 and body["error"]["param"] == "prompt"
-    status, body = _post(server + "/v1/completions", {"prompt": [1] * 400_000}, AUTH)
-    assert status == 413
+    # Over the body limit: refused from the Content-Length header, before any body byte is read.
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    for k, v in {**AUTH, "content-type": "application/json", "content-length": str(50_000_000)}.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and json.loads(resp.read())["error"]["message"] == "request body too large"
+    conn.close()
     # The server is still healthy after all of that.
     with urllib.request.urlopen(server + "/health", timeout=5) as r:
         assert r.status == 200

@@ -3,7 +3,9 @@
 Importing this package registers every method; look one up with `get_method(name)`.
 """
 
-from . import dream, fast_dllm, fast_dllm_dream, llada  # noqa: F401  (registration side effects)
+from . import (  # noqa: F401  (registration side effects)
+    dream, fast_dllm, fast_dllm_dream, llada, streaming, window_dream, window_llada,
+)
 from .registry import METHODS, DecodeOptions, DecodeResult, Method, get_method, methods_for
 
 __all__ = ["METHODS", "DecodeOptions", "DecodeResult", "Method", "get_method", "methods_for"]

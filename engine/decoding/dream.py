@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model import DREAM, DiffusionLM
+from ..model import DREAM, DiffusionLM, ForwardBatch
 from .llada import new_canvas
 from .registry import DecodeOptions, DecodeResult, check, register
 from .sampling import dream_commit_count, sample_tokens, shift_logits
@@ -52,6 +52,14 @@ def _origin_step(x, mask_index, mask_logits, opts, p_transfer, gen, mask_id: int
     x[mask_index] = x0
 
 
+def masked_logits(model: DiffusionLM, x: torch.Tensor, mask_index: torch.Tensor) -> torch.Tensor:
+    """shift_logits(full logits)[mask_index], [n_masked, V], projecting only the rows that are read: the shift
+    moves hidden states (cheap) instead of logits, and the vocabulary projection runs on masked rows only."""
+    pos = torch.arange(x.shape[1], device=x.device).expand_as(x)
+    h = shift_logits(model.hidden_states(ForwardBatch(ids=x, positions=pos)))  # [B, L, H], row p holds p-1's
+    return model.lm_head(h[mask_index])
+
+
 @register("dream", DREAM, "Dream reference sampler: full forward per step, linspace schedule, alg confidence")
 def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
              gen: torch.Generator | None = None) -> DecodeResult:
@@ -63,8 +71,7 @@ def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
     timesteps = torch.linspace(1, opts.eps, steps + 1, device=x.device)
     for i in range(steps):
         mask_index = x == mask_id
-        logits = shift_logits(model.logits(x))
-        mask_logits = logits[mask_index]
+        mask_logits = masked_logits(model, x, mask_index)
         t, s = timesteps[i], timesteps[i + 1]
         last = i == steps - 1
         if opts.alg == "origin":

@@ -19,7 +19,7 @@ from .registry import DecodeOptions, DecodeResult, check, register
 from .sampling import dream_commit_count, sample_tokens, shift_logits, threshold_select
 
 
-def _threshold_step(view, mask_index, logits, opts: DecodeOptions, block: int, gen) -> None:
+def threshold_step(view, mask_index, logits, opts: DecodeOptions, block: int, gen) -> None:
     confidence, x0 = sample_tokens(logits[mask_index], opts.temperature, opts.top_p, opts.top_k, gen=gen)
     full = torch.full(view.shape, -torch.inf, dtype=logits.dtype, device=view.device)
     full[mask_index] = confidence
@@ -30,7 +30,7 @@ def _threshold_step(view, mask_index, logits, opts: DecodeOptions, block: int, g
     view[chosen] = proposal[chosen]
 
 
-def _schedule_step(view, mask_index, logits, opts: DecodeOptions, block: int, i: int, steps: int,
+def schedule_step(view, mask_index, logits, opts: DecodeOptions, block: int, i: int, steps: int,
                    timesteps, gen) -> None:
     mask_index[:, block:] = False
     confidence, x0 = sample_tokens(logits[mask_index], opts.temperature, opts.top_p, opts.top_k,
@@ -64,11 +64,11 @@ def _generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions, gen
             logits = shift_logits(span_forward(model, view, start, cache, total))
             calls += 1
             if threshold_mode:
-                _threshold_step(view, mask_index, logits, opts, block, gen)
+                threshold_step(view, mask_index, logits, opts, block, gen)
             else:
                 if i == steps:
                     break
-                _schedule_step(view, mask_index, logits, opts, block, i, steps, timesteps, gen)
+                schedule_step(view, mask_index, logits, opts, block, i, steps, timesteps, gen)
                 i += 1
             if not (x[:, start:end] == mask_id).any():
                 break

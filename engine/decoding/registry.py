@@ -37,6 +37,21 @@ class DecodeOptions:
     top_p: float | None = None
     top_k: int | None = None
     eps: float = 1e-3
+    # Window-Diffusion (window_llada / window_dream); names are the references' keyword arguments
+    refresh_cycle: int | None = None  # steps per refresh phase; None: window_size (LLaDA) or 4 (Dream)
+    # window_size means different things to two references, so each method supplies its own default for None:
+    # window_llada: the refresh period when refresh_cycle is None (5); streaming: kept suffix positions (32).
+    window_size: int | None = None
+    window_tokens: int = 64  # LLaDA: outer window, counted in masks (fixed for a phase)
+    active_tokens: int = 8  # LLaDA: active window, counted in masks (recomputed every step)
+    o_win_size: int = 9  # Dream: outer window = the prefix through the (o_win_size - 1)-th mask
+    i_win_size: int = 5  # Dream: inner window = first mask up to the (i_win_size + 1)-th mask
+    slide_window: bool = False  # Dream: pruned steps move the inner window's end with the remaining masks
+    early_stop: bool = False  # Dream: one commit per pruned step, cut at the first EOS, then refresh every step
+    # Streaming-dLLM (streaming_*); also reads window_size above as its kept-suffix window
+    confidence_alpha: float | None = None  # dynamic-threshold strength; None: the reference's (LLaDA 0.3, Dream 0.9)
+    eos_id: int | None = None  # LLaDA: early-exit token; None: the checkpoint's EOS (reference default 126081)
+    eos: int | None = None  # Dream: early-exit token; None: the checkpoint's EOS (the reference requires it)
 
     @property
     def n_steps(self) -> int:
@@ -80,7 +95,8 @@ def register(name: str, family: str, summary: str):
     def wrap(fn: GenerateFn) -> GenerateFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = Method(name, family, fn, summary)
+        # Decoding never needs autograd: inference_mode skips its bookkeeping on every tensor op.
+        METHODS[name] = Method(name, family, torch.inference_mode()(fn), summary)
         return fn
 
     return wrap

@@ -44,17 +44,18 @@ class Rope(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.full_precision = spec.family == LLADA
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [B, T] -> cos, sin [B, 1, T, head_dim]; a product per element, so any length rounds the same.
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype, full_precision: bool | None = None):
+        """positions [B, T] -> cos, sin [B, 1, T, head_dim]; a product per element, so any length rounds the same.
+        full_precision (default: the family's) keeps them float32 and rotates in float32."""
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos()[:, None], emb.sin()[:, None]
-        if self.full_precision:
+        if self.full_precision if full_precision is None else full_precision:
             return cos, sin
         return cos.to(dtype), sin.to(dtype)
 
     def apply(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        src = t.float() if self.full_precision else t
+        src = t.float() if cos.dtype == torch.float32 else t  # float32 tables: rotate in float32
         half = src.shape[-1] // 2
         rotated = torch.cat((-src[..., half:], src[..., :half]), dim=-1)
         return ((src * cos) + (rotated * sin)).to(t.dtype)
@@ -97,6 +98,7 @@ class ForwardBatch:
     attn_mask: torch.Tensor | None = None
     logits_rows: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    rope_full_precision: bool | None = None  # None: the family's rule; False: rotate in the working dtype
 
     def write_slots(self) -> torch.Tensor:
         if self.valid is None or self.cache is None:
@@ -126,25 +128,29 @@ class DiffusionLM(nn.Module):
         s = self.spec
         return KVCache(s.num_layers, batch, s.num_kv_heads, capacity, s.head_dim, self.dtype, self.device)
 
-    @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Plain full forward: [B, L] ids at positions 0..L-1, all keys visible -> [B, L, vocab] raw logits."""
+        """Plain full forward: [B, L] ids at positions 0..L-1, all keys visible -> [B, L, vocab] raw logits.
+        (No grad mode is set here, so training uses the same code; decoding methods run under inference_mode.)"""
         pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         return self.forward(ForwardBatch(ids=ids, positions=pos))
 
-    @torch.no_grad()
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        x = self.hidden_states(fb)
+        if fb.logits_rows is not None:
+            # [B, T, H] -> [B, R, H]: only the rows whose predictions the caller will read.
+            x = torch.gather(x, 1, fb.logits_rows[..., None].expand(-1, -1, x.shape[-1]))
+        return self.lm_head(x)
+
+    def hidden_states(self, fb: ForwardBatch) -> torch.Tensor:
+        """The final normed hidden states [B, T, H]; lm_head of a row gives its logits."""
         x = self.embed(fb.ids)  # [B, T, H]
-        cos, sin = self.rope.tables(fb.positions, x.dtype)
+        cos, sin = self.rope.tables(fb.positions, x.dtype, fb.rope_full_precision)
         slots = fb.write_slots()
         for i, layer in enumerate(self.layers):
             x = x + self._attention(i, layer, layer.attn_norm(x), cos, sin, slots, fb)
             h = layer.ffn_norm(x)
             x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
-        if fb.logits_rows is not None:
-            # [B, T, H] -> [B, R, H]: only the rows whose predictions the caller will read.
-            x = torch.gather(x, 1, fb.logits_rows[..., None].expand(-1, -1, x.shape[-1]))
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def _attention(self, i: int, layer: Layer, h, cos, sin, slots, fb: ForwardBatch) -> torch.Tensor:
         s = self.spec
