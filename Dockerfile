@@ -19,11 +19,14 @@ FROM ${BASE} AS runtime
 RUN useradd --create-home --uid 10001 diffuserve
 COPY --from=build /opt/venv /opt/venv
 COPY configs /app/configs
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 DIFFUSERVE_HOST=0.0.0.0 DIFFUSERVE_PORT=8000
+COPY models /app/models
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 DIFFUSERVE_HOST=0.0.0.0 DIFFUSERVE_PORT=8000 \
+    DIFFUSERVE_MODELS_DIR=/app/models
 WORKDIR /app
 USER diffuserve
 EXPOSE 8000
-# Model directories are mounted read-only, e.g. -v /models/LLaDA-8B-Instruct:/models/llada:ro
+# With no argument it serves the bundled tiny-text model; other model directories are mounted read-only,
+# e.g. -v /models/LLaDA-8B-Instruct:/models/llada:ro and `docker run ... diffuserve /models/llada`.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"
 ENTRYPOINT ["diffuserve", "serve"]

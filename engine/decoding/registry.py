@@ -52,6 +52,9 @@ class DecodeOptions:
     confidence_alpha: float | None = None  # dynamic-threshold strength; None: the reference's (LLaDA 0.3, Dream 0.9)
     eos_id: int | None = None  # LLaDA: early-exit token; None: the checkpoint's EOS (reference default 126081)
     eos: int | None = None  # Dream: early-exit token; None: the checkpoint's EOS (the reference requires it)
+    # diffuserve's own serving modes (window): how a refresh step recomputes, and whether to stop at EOS
+    refresh: str = "window"  # "full": the whole canvas (as the reference); "window": prompt + decoded + W masks
+    eos_early_exit: bool = True  # stop once an EOS is committed and everything left of it is decoded
 
     @property
     def n_steps(self) -> int:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+# The repository's models/ (an editable install or a checkout); an installed package (the Docker image) points
+# DIFFUSERVE_MODELS_DIR at wherever models/ was copied.
+MODELS_DIR = Path(os.environ.get("DIFFUSERVE_MODELS_DIR") or Path(__file__).resolve().parents[2] / "models")
 DEFAULT_MODEL = "tiny-text"
 
 

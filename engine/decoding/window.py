@@ -1,0 +1,169 @@
+"""Method `window`: diffuserve's own Window-Diffusion serving mode (LLaDA family).
+
+Built from the same parts as the reference `window_llada`, with the changes a server wants:
+ - commits only among the active masks (the first A masks), never in the far field, on every step;
+ - confidence-threshold parallel decoding (`threshold`; at least one token per step) or the integer schedule;
+ - early exit: once an EOS is committed and everything left of it is decoded, the rest becomes EOS and it stops;
+ - refresh policy `refresh`: "full" recomputes the whole canvas (as the reference), "window" only the prompt,
+   the decoded tokens and the first W masks (the far field is pruned even then); a phase also ends early when its
+   window has no undecoded position left to work on.
+
+Per request the state is a `WindowDecoder` with an explicit `Phase`; `plan()` says which rows to compute and which
+keys they see, `commit(logits)` applies the step. A scheduler can batch many decoders' plans into one forward;
+`generate` below drives a single request. With W and A covering the canvas, R = 1, no threshold and no early exit,
+it equals the vanilla `llada` loop (one block) token for token.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model import LLADA, DiffusionLM, ForwardBatch
+from .llada import new_canvas
+from .registry import DecodeOptions, DecodeResult, check, register
+from .sampling import gumbel_perturb, llada_schedule, threshold_select, top_k_select
+
+
+class Phase(enum.Enum):
+    REFRESH = "refresh"  # next step recomputes the window (or canvas) and rebuilds the KV cache
+    PRUNED = "pruned"  # next step computes only the active rows against the cached window
+    DONE = "done"
+
+
+@dataclass
+class StepPlan:
+    positions: torch.Tensor  # [T] rows to compute (absolute positions, ascending)
+    keys: torch.Tensor | None  # [K] cache slots they attend to; None = the whole canvas [0, N)
+    candidates: torch.Tensor  # [R] indices into positions whose logits are read (masks that may be committed)
+
+
+class WindowDecoder:
+    """One request's Window-Diffusion state: canvas, partitions, phase, KV cache."""
+
+    def __init__(self, model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions, gen):
+        spec = model.spec
+        self.model, self.opts, self.gen = model, opts, gen
+        self.mask_id, self.eos_id = spec.mask_id, spec.eos_id
+        self.x = new_canvas(prompt[None], opts.gen_length, spec.mask_id)[0]  # [N]
+        self.prompt_len = prompt.shape[0]
+        self.cache = model.new_cache(1, self.x.shape[0])
+        steps = opts.n_steps
+        self.counts = llada_schedule((self.x == self.mask_id)[None], steps)[0].tolist()
+        self.step, self.since_refresh = 0, 0
+        self.period = opts.refresh_cycle or 32  # the reference scripts' R
+        self.W, self.A = opts.window_tokens, opts.active_tokens
+        self.phase = Phase.REFRESH
+        self.window = torch.empty(0, dtype=torch.long)  # fixed for a phase: keys of the pruned steps
+        self.next_window = self.window  # the window a refresh step computes (before its own commits)
+        self.fresh = torch.empty(0, dtype=torch.long)  # committed this phase: stay active until the next refresh
+        self.forward_calls = self.refresh_calls = 0
+
+    # -- partitions --------------------------------------------------------------------------------------------
+    def masks(self) -> torch.Tensor:
+        return (self.x == self.mask_id).nonzero()[:, 0]
+
+    def _window_now(self) -> torch.Tensor:
+        """Prompt + decoded + the first W masks: what a window refresh computes and pruned steps attend to."""
+        masks = self.masks()
+        keep = torch.ones_like(self.x, dtype=torch.bool)
+        keep[masks[self.W:]] = False  # far field
+        return keep.nonzero()[:, 0]
+
+    def active(self) -> torch.Tensor:
+        """First A masks inside the window, plus every position committed this phase (post-decode transient)."""
+        in_window = torch.zeros_like(self.x, dtype=torch.bool)
+        in_window[self.window] = True
+        masks = self.masks()
+        first = masks[in_window[masks]][: self.A]
+        return torch.unique(torch.cat([first, self.fresh]))
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def plan(self) -> StepPlan:
+        if self.phase is Phase.REFRESH:
+            # The window is fixed here, before this step's commits: every slot in it gets fresh K/V now.
+            self.next_window = self._window_now()
+            if self.opts.refresh == "full":
+                pos, keys = torch.arange(self.x.shape[0]), None
+            else:
+                pos = keys = self.next_window
+        else:
+            pos, keys = self.active(), self.window
+        # Candidates: rows still masked and among the first A masks (never the far field, never the buffer).
+        candidates = (self.x[pos] == self.mask_id) & torch.isin(pos, self.masks()[: self.A])
+        return StepPlan(positions=pos, keys=keys, candidates=candidates.nonzero()[:, 0])
+
+    def forward_batch(self, plan: StepPlan) -> ForwardBatch:
+        rows = plan.positions[None]
+        keys = None if plan.keys is None else plan.keys[None]
+        return ForwardBatch(ids=self.x[plan.positions][None], positions=rows, cache=self.cache, keys=keys,
+                            key_len=self.x.shape[0] if keys is None else None,
+                            logits_rows=plan.candidates[None])
+
+    def commit(self, plan: StepPlan, logits: torch.Tensor) -> None:
+        """logits [R, V] for plan.candidates: choose, commit, advance the phase."""
+        was_refresh = self.phase is Phase.REFRESH
+        self.forward_calls += 1
+        self.refresh_calls += int(was_refresh)
+        if len(plan.candidates):
+            x0 = torch.argmax(gumbel_perturb(logits, self.opts.temperature, self.gen), dim=-1)
+            conf = torch.gather(F.softmax(logits, dim=-1), -1, x0[:, None])[:, 0]
+            chosen = self._select(conf)
+            pos = plan.positions[plan.candidates[chosen]]
+            self.x[pos] = x0[chosen]
+            self.fresh = pos if was_refresh else torch.cat([self.fresh, pos])
+        if was_refresh:
+            self.window = self.next_window
+        self.step += 1
+        self.since_refresh = 0 if was_refresh else self.since_refresh + 1
+        self._advance()
+
+    def _select(self, conf: torch.Tensor) -> torch.Tensor:
+        if self.opts.threshold is not None:
+            return threshold_select(conf[None], self.opts.threshold)[0]
+        # The global schedule; once it is spent (fewer candidates than it asked for earlier), one per step.
+        k = self.counts[self.step] if self.step < len(self.counts) else 1
+        return top_k_select(conf[None], [min(k, conf.shape[0])])[0]
+
+    def _advance(self) -> None:
+        gen_part = self.x[self.prompt_len:]
+        masks = gen_part == self.mask_id
+        if not masks.any():
+            self.phase = Phase.DONE
+            return
+        if self.opts.eos_early_exit:
+            eos = (gen_part == self.eos_id).nonzero()
+            if len(eos) and not masks[: int(eos[0])].any():
+                gen_part[int(eos[0]):] = self.eos_id  # the model fills a canvas's tail with EOS; skip computing it
+                self.phase = Phase.DONE
+                return
+        window_masks = (self.x[self.window] == self.mask_id).any() if len(self.window) else False
+        due = self.since_refresh + 1 >= self.period or not window_masks
+        self.phase = Phase.REFRESH if due else Phase.PRUNED
+
+
+def _validate(opts: DecodeOptions) -> None:
+    check(opts.gen_length > 0 and opts.n_steps > 0, "gen_length and steps must be positive")
+    check(opts.refresh in ("full", "window"), "refresh must be 'full' or 'window'")
+    check(opts.remasking == "low_confidence", "the window method ranks by confidence (remasking=low_confidence)")
+    check(opts.cfg_scale == 0, "the window method does not support cfg_scale")
+    check(opts.threshold is None or 0 < opts.threshold <= 1, "threshold must be in (0, 1]")
+
+
+@register("window", LLADA, "diffuserve's Window-Diffusion serving mode: active/buffer/far-field, threshold, EOS exit")
+def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
+             gen: torch.Generator | None = None) -> DecodeResult:
+    _validate(opts)
+    outs, calls, refreshes = [], 0, 0
+    for row in prompt:  # one decoder per sequence; a scheduler batches them, this driver runs them in turn
+        dec = WindowDecoder(model, row, opts, gen)
+        while dec.phase is not Phase.DONE and dec.step < 4 * opts.gen_length:
+            plan = dec.plan()
+            logits = model.forward(dec.forward_batch(plan))[0]
+            dec.commit(plan, logits)
+        outs.append(dec.x[dec.prompt_len:])
+        calls, refreshes = calls + dec.forward_calls, refreshes + dec.refresh_calls
+    return DecodeResult(ids=torch.stack(outs), forward_calls=calls, refresh_calls=refreshes)

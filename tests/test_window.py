@@ -1,0 +1,90 @@
+"""diffuserve's Window-Diffusion serving mode (`window`): exactness properties and partition invariants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import PARITY
+from engine.decoding import DecodeOptions, get_method
+from engine.decoding.window import Phase, WindowDecoder
+from engine.model import ForwardBatch, load_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(PARITY / "llada-tiny" / "model", torch.float64)
+
+
+def _prompts(n: int) -> list[list[int]]:
+    cases = json.loads((PARITY / "llada-tiny" / "cases.json").read_text())["cases"]
+    return [c["prompt_ids"][0] for c in cases if len(c["prompt_ids"]) == 1][:n]
+
+
+@pytest.mark.parametrize("refresh", ["full", "window"])
+@pytest.mark.parametrize("gen_length,steps", [(32, 32), (64, 32)])
+def test_covering_windows_and_r1_equal_vanilla(model, refresh, gen_length, steps):
+    """W and A at least the canvas, R = 1: every step is a refresh, and the result is vanilla LLaDA's."""
+    base = DecodeOptions(gen_length=gen_length, steps=steps)
+    wide = base.with_(window_tokens=10_000, active_tokens=10_000, refresh_cycle=1, refresh=refresh,
+                      eos_early_exit=False)
+    for p in _prompts(3):
+        prompt = torch.tensor([p])
+        want = get_method("llada").generate(model, prompt, base, torch.Generator().manual_seed(0))
+        got = get_method("window").generate(model, prompt, wide, torch.Generator().manual_seed(0))
+        assert torch.equal(got.ids, want.ids)
+        assert got.forward_calls == want.forward_calls == steps and got.refresh_calls == steps
+
+
+def test_commits_stay_in_the_first_active_masks_and_far_field_is_never_computed(model):
+    opts = DecodeOptions(gen_length=64, steps=64, window_tokens=12, active_tokens=3, refresh_cycle=4,
+                         eos_early_exit=False)
+    dec = WindowDecoder(model, torch.tensor(_prompts(1)[0]), opts, None)
+    refreshes = 0
+    while dec.phase is not Phase.DONE:
+        first_a = set(dec.masks()[: dec.A].tolist())
+        far = set(dec.masks()[dec.W:].tolist())
+        plan = dec.plan()
+        assert not far & set(plan.positions.tolist()), "a far-field mask was computed"
+        if plan.keys is not None:
+            assert not far & set(plan.keys.tolist()), "a far-field mask was attended to"
+            assert set(plan.positions.tolist()) <= set(plan.keys.tolist())
+        refreshes += dec.phase is Phase.REFRESH
+        before = dec.x.clone()
+        dec.commit(plan, model.forward(dec.forward_batch(plan))[0])
+        changed = set((dec.x != before).nonzero()[:, 0].tolist())
+        assert changed and changed <= first_a, "committed outside the first A masks"
+    assert refreshes == dec.refresh_calls >= 64 // 4
+
+
+def test_window_refresh_leaves_fresh_kv_for_the_whole_window(model):
+    """After a window refresh, every slot of the window holds exactly the K/V of a fresh forward of the window."""
+    opts = DecodeOptions(gen_length=48, steps=48, window_tokens=10, active_tokens=2, refresh_cycle=5)
+    dec = WindowDecoder(model, torch.tensor(_prompts(2)[1]), opts, None)
+    for _ in range(7):  # a refresh, four pruned steps, the next refresh, one pruned step
+        plan = dec.plan()
+        is_refresh = dec.phase is Phase.REFRESH
+        x_before = dec.x.clone()
+        dec.commit(plan, model.forward(dec.forward_batch(plan))[0])
+        if is_refresh and dec.step > 1:
+            win = plan.positions
+            fresh = model.new_cache(1, dec.x.shape[0])
+            model.forward(ForwardBatch(ids=x_before[win][None], positions=win[None], cache=fresh, keys=win[None]))
+            for layer in range(model.spec.num_layers):
+                torch.testing.assert_close(dec.cache.k[layer][0][:, win], fresh.k[layer][0][:, win], rtol=0, atol=0)
+                torch.testing.assert_close(dec.cache.v[layer][0][:, win], fresh.v[layer][0][:, win], rtol=0, atol=0)
+
+
+def test_eos_early_exit_fills_the_tail_and_stops(model):
+    opts = DecodeOptions(gen_length=64, steps=64, window_tokens=64, active_tokens=64, refresh_cycle=4,
+                         threshold=0.5)
+    for p in _prompts(4):
+        out = get_method("window").generate(model, torch.tensor([p]), opts, torch.Generator().manual_seed(0))
+        ids = out.ids[0].tolist()
+        assert model.spec.mask_id not in ids
+        if model.spec.eos_id in ids:
+            first = ids.index(model.spec.eos_id)
+            assert set(ids[first:]) == {model.spec.eos_id}
+        assert out.forward_calls <= 64
