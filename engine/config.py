@@ -14,7 +14,8 @@ from .decoding import METHODS, DecodeOptions
 from .model import DTYPES
 from .model.bundled import resolve_model
 
-DEFAULT_METHOD = {"llada": "llada", "dream": "dream"}
+DEFAULT_METHOD = {"llada": "llada", "dream": "dream"}  # offline default: the family's reference sampler
+SERVING_METHOD = {"llada": "window", "dream": "dream"}  # server default when neither request nor config names one
 
 
 @dataclass(frozen=True)

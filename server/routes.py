@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.config import Config
+from engine.config import SERVING_METHOD, Config
 from engine.decoding import DecodeOptions
 from engine.llm import LLM
 
@@ -79,8 +79,9 @@ def create_app(cfg: Config, llm: LLM) -> FastAPI:
         stops = [req.stop] if isinstance(req.stop, str) else req.stop
         loop = asyncio.get_running_loop()
         try:
+            method = req.method or cfg.decoding.method or SERVING_METHOD[llm.spec.family]
             return await loop.run_in_executor(pool, lambda: llm.generate(
-                ids, req.method or cfg.decoding.method, opts, seed=req.seed or 0, stop=stops))
+                ids, method, opts, seed=req.seed or 0, stop=stops))
         except (ValueError, KeyError) as exc:
             raise APIError(400, str(exc).strip("'\"")) from None
         except Exception as exc:  # one request's failure ends that request only

@@ -150,6 +150,7 @@ def _validate(opts: DecodeOptions) -> None:
     check(opts.refresh in ("full", "window"), "refresh must be 'full' or 'window'")
     check(opts.remasking == "low_confidence", "the window method ranks by confidence (remasking=low_confidence)")
     check(opts.cfg_scale == 0, "the window method does not support cfg_scale")
+    check(opts.block_length is None, "the window method decodes without blocks: block_length does not apply")
     check(opts.threshold is None or 0 < opts.threshold <= 1, "threshold must be in (0, 1]")
 
 

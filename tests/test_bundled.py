@@ -1,0 +1,91 @@
+"""The bundled models load from the repository by name, without network access, and answer sensibly."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from engine.decoding import DecodeOptions
+from engine.model.bundled import MODELS_DIR, bundled_names, resolve_model
+
+pytestmark = pytest.mark.skipif("tiny-text" not in bundled_names(), reason="tiny-text is not in this checkout")
+
+
+@pytest.fixture(scope="module")
+def text_llm():
+    from engine.llm import LLM
+
+    return LLM("tiny-text")
+
+
+def test_default_model_is_tiny_text():
+    assert resolve_model(None) == str(MODELS_DIR / "tiny-text")
+
+
+def test_tiny_text_card_and_size():
+    d = MODELS_DIR / "tiny-text"
+    card = (d / "README.md").read_text()
+    assert "diffuserve train text" in card and "Wall time" in card
+    total = sum(p.stat().st_size for p in MODELS_DIR.rglob("*") if p.is_file())
+    assert total < 40e6, f"shipped model files are {total / 1e6:.1f} MB"
+    assert json.loads((d / "config.json").read_text())["model_type"] == "llada"
+
+
+def test_tiny_text_continues_in_the_corpus_style(text_llm):
+    """Seeded continuations are made of words the corpus uses (not byte soup) and are deterministic."""
+    vocab = set(re.findall(r"[a-z]+", (MODELS_DIR / "tiny-text" / "tokenizer.json").read_text().lower()))
+    opts = DecodeOptions(gen_length=48, steps=48, block_length=16)
+    for prompt in ("ROMEO.\n", "KING.\nWhat news"):
+        ids = text_llm.encode(prompt)
+        a = text_llm.generate(ids, "llada", opts, seed=3)
+        b = text_llm.generate(ids, "llada", opts, seed=3)
+        assert a.canvas_ids == b.canvas_ids
+        words = re.findall(r"[A-Za-z]+", a.completion.text)
+        assert len(words) >= 8, a.completion.text
+        known = sum(w.lower() in vocab for w in words) / len(words)
+        assert known > 0.8, (known, a.completion.text)
+
+
+def test_tiny_text_chat_answer_ends_with_eos(text_llm):
+    ids = text_llm.encode("Now is the winter of our discontent", chat=True)
+    out = text_llm.generate(ids, "llada", DecodeOptions(gen_length=128, steps=128, block_length=32), seed=0)
+    assert out.completion.finish_reason == "stop" and out.completion.text.strip()
+    assert len(out.completion.token_ids) < 128
+
+
+def test_serve_without_a_model_argument_answers_text(tmp_path):
+    """`diffuserve serve` alone loads tiny-text from the checkout, offline, and completes a text prompt."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port)],
+                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        body = json.dumps({"prompt": "KING HENRY.\nWhat news from", "max_tokens": 32, "seed": 1}).encode()
+        req = urllib.request.Request(base + "/v1/completions", body, {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out = json.loads(r.read())
+        assert out["model"] == "tiny-text" and out["choices"][0]["text"].strip()
+        assert 0 < out["usage"]["completion_tokens"] <= 32
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
