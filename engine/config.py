@@ -7,7 +7,7 @@ precedence (CLI wins); nothing reads settings from anywhere else after start-up.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .decoding import METHODS, DecodeOptions
@@ -104,6 +104,3 @@ def build_config(yaml_path: str | None = None, **overrides) -> Config:
     return Config(model=ModelConfig(**_section(ModelConfig, raw["model"], "model")), decoding=decoding,
                   server=ServerConfig(**_section(ServerConfig, raw["server"], "server"))).validate()
 
-
-def with_options(cfg: Config, **changes) -> Config:
-    return replace(cfg, decoding=replace(cfg.decoding, options=replace(cfg.decoding.options, **changes)))

@@ -26,9 +26,10 @@ class DiffusionFields(BaseModel):
     alg: str | None = None
 
 
-class CompletionRequest(DiffusionFields):
+class SamplingFields(DiffusionFields):
+    """The OpenAI fields both endpoints share."""
+
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -37,6 +38,10 @@ class CompletionRequest(DiffusionFields):
     seed: int | None = None
     stream: bool = False
     user: str | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
 
 
 class ChatMessage(BaseModel):
@@ -46,18 +51,9 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(DiffusionFields):
-    model: str | None = None
+class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    user: str | None = None
 
 
 def new_id(prefix: str) -> str:

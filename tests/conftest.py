@@ -10,7 +10,14 @@ import os
 # like; `diffuserve conformance` does the same (engine/cli.py).
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
 from pathlib import Path
 
 import pytest  # noqa: E402
@@ -67,3 +74,31 @@ def write_tokenizer(out: Path, spec: ModelSpec) -> None:
 @pytest.fixture
 def tmp_model_dir(tmp_path):
     return tmp_path
+
+
+@contextlib.contextmanager
+def running_server(*serve_args: str, env: dict | None = None):
+    """`diffuserve serve ARGS` as a real process on a free loopback port; yields its base URL once /health
+    answers, and stops it afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: an unread pipe could fill and stall the server
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", *serve_args, "--port", str(port)],
+                            cwd=FIXTURES.parents[1], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            log.seek(0)
+            raise RuntimeError(f"server did not start:\n{log.read()}")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from conftest import running_server
 from engine.decoding import DecodeOptions
 from engine.model.bundled import MODELS_DIR, bundled_names, resolve_model
 
@@ -58,34 +59,13 @@ def test_tiny_text_chat_answer_ends_with_eos(text_llm):
 def test_serve_without_a_model_argument_answers_text(tmp_path):
     """`diffuserve serve` alone loads tiny-text from the checkout, offline, and completes a text prompt."""
     import os
-    import socket
-    import subprocess
-    import sys
-    import time
     import urllib.request
-    from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port)],
-                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+    with running_server(env=env) as base:
         body = json.dumps({"prompt": "KING HENRY.\nWhat news from", "max_tokens": 32, "seed": 1}).encode()
         req = urllib.request.Request(base + "/v1/completions", body, {"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
             out = json.loads(r.read())
         assert out["model"] == "tiny-text" and out["choices"][0]["text"].strip()
         assert 0 < out["usage"]["completion_tokens"] <= 32
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

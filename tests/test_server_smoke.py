@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import PARITY
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import PARITY, running_server
 
 
 def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
@@ -37,23 +24,9 @@ def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict]
 
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", str(PARITY / "llada-tiny" / "model"),
-                             "--port", str(port), "--api-key", "sekret", "--served-model-name", "tiny"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError(proc.stdout.read())
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running_server(str(PARITY / "llada-tiny" / "model"), "--api-key", "sekret",
+                        "--served-model-name", "tiny") as base:
+        yield base
 
 
 AUTH = {"authorization": "Bearer sekret"}
