@@ -1,7 +1,12 @@
-"""From a finished canvas to the tokens and text a user sees.
+"""From a canvas to the tokens and text a user sees, at the end (`finish`) and while it fills (`StreamDetokenizer`).
 
 A canvas holds the generation followed by EOS padding (the model fills unused positions with EOS). What counts as
 output, as the papers count it, is the tokens before the first stop token; stop strings then cut the text.
+
+Streaming sends only what can never change: the longest settled prefix of the canvas (no mask before it), decoded
+as a whole each time so byte-level merges and multi-byte characters come out right, minus a held-back tail (an
+incomplete character, or the start of a possible stop string). Every text sent is a prefix of the final text, so
+the concatenated stream equals the non-streamed completion.
 """
 
 from __future__ import annotations
@@ -26,6 +31,14 @@ def cut_at_stop(ids: list[int], stop_ids: tuple[int, ...], mask_id: int) -> tupl
     return list(ids), False
 
 
+def decode(tokenizer, ids: list[int]) -> str:
+    # No clean-up of tokenization spaces: it rewrites text already decoded (" ." -> "."), so a prefix's text would
+    # stop being a prefix of the whole's, and a stream could not be equal to the final text.
+    if tokenizer is None:
+        return ""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 def apply_stop_strings(text: str, stops: list[str]) -> tuple[str, bool]:
     """Cut at the earliest occurrence of any stop string (the stop string itself is removed)."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
@@ -35,14 +48,50 @@ def apply_stop_strings(text: str, stops: list[str]) -> tuple[str, bool]:
 def finish(ids: list[int], tokenizer, stop_ids: tuple[int, ...], mask_id: int,
            stops: list[str] | None = None) -> Completion:
     kept, stopped = cut_at_stop(ids, stop_ids, mask_id)
-    text = tokenizer.decode(kept, skip_special_tokens=True) if tokenizer is not None else ""
+    text = decode(tokenizer, kept)
     if stops and tokenizer is not None:
         text, hit = apply_stop_strings(text, stops)
         if hit:
             stopped = True
             # Count only the tokens whose text survives the cut: the shortest prefix that covers it.
             for n in range(len(kept) + 1):
-                if len(tokenizer.decode(kept[:n], skip_special_tokens=True)) >= len(text):
+                if len(decode(tokenizer, kept[:n])) >= len(text):
                     kept = kept[:n]
                     break
     return Completion(token_ids=kept, text=text, finish_reason="stop" if stopped else "length")
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of `text` that may still change or be cut: an unfinished multi-byte character (the
+    decoder shows it as U+FFFD) or the longest tail that begins some stop string."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return hold
+
+
+class StreamDetokenizer:
+    """update(settled ids) -> the new final text; `stopped` once a stop string has been seen."""
+
+    def __init__(self, tokenizer, stops: list[str] | None = None):
+        self.tokenizer, self.stops = tokenizer, [s for s in (stops or []) if s]
+        self.sent = ""
+        self.stopped = False
+
+    def update(self, settled: list[int], final: bool = False) -> str:
+        if self.stopped:
+            return ""
+        text = decode(self.tokenizer, settled)
+        if self.stops:
+            text, hit = apply_stop_strings(text, self.stops)
+            if hit:
+                self.stopped = final = True
+        if not final:
+            text = text[: len(text) - _held_back(text, self.stops)]
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta

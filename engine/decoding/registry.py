@@ -89,17 +89,23 @@ class Method:
     family: str  # the model family it decodes ("llada" or "dream")
     generate: GenerateFn
     summary: str
+    # For methods the engine can batch: (model, prompt [Lp], opts, gen) -> a per-request decoder with
+    # plan() / commit() (engine/runner.py packs many decoders' plans into one forward). None: the method owns
+    # its loop, and the engine runs it whole.
+    stepper: Callable | None = None
+    validate: Callable[[DecodeOptions], None] | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, family: str, summary: str):
+def register(name: str, family: str, summary: str, stepper: Callable | None = None,
+             validate: Callable[[DecodeOptions], None] | None = None):
     def wrap(fn: GenerateFn) -> GenerateFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
         # Decoding never needs autograd: inference_mode skips its bookkeeping on every tensor op.
-        METHODS[name] = Method(name, family, torch.inference_mode()(fn), summary)
+        METHODS[name] = Method(name, family, torch.inference_mode()(fn), summary, stepper, validate)
         return fn
 
     return wrap

@@ -44,16 +44,20 @@ class StepPlan:
 class WindowDecoder:
     """One request's Window-Diffusion state: canvas, partitions, phase, KV cache."""
 
-    def __init__(self, model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions, gen):
+    def __init__(self, model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions, gen, own_cache: bool = True):
+        """own_cache: a private KVCache for `forward_batch` (the single-request driver); the serving engine passes
+        False and keeps this request's K/V in its shared pool instead."""
         spec = model.spec
         self.model, self.opts, self.gen = model, opts, gen
         self.mask_id, self.eos_id = spec.mask_id, spec.eos_id
         self.x = new_canvas(prompt[None], opts.gen_length, spec.mask_id)[0]  # [N]
         self.prompt_len = prompt.shape[0]
-        self.cache = model.new_cache(1, self.x.shape[0])
+        self.cache = model.new_cache(1, self.x.shape[0]) if own_cache else None
+        self.logprobs = torch.zeros(self.x.shape[0])  # [N] log-probability of each committed token
         steps = opts.n_steps
         self.counts = llada_schedule((self.x == self.mask_id)[None], steps)[0].tolist()
         self.step, self.since_refresh = 0, 0
+        self.max_steps = 4 * opts.gen_length  # a bound no schedule reaches: one commit per step at the least
         self.period = opts.refresh_cycle or 32  # the reference scripts' R
         self.W, self.A = opts.window_tokens, opts.active_tokens
         self.phase = Phase.REFRESH
@@ -114,6 +118,7 @@ class WindowDecoder:
             chosen = self._select(conf)
             pos = plan.positions[plan.candidates[chosen]]
             self.x[pos] = x0[chosen]
+            self.logprobs[pos] = conf[chosen].float().clamp_min(1e-30).log()
             self.fresh = pos if was_refresh else torch.cat([self.fresh, pos])
         if was_refresh:
             self.window = self.next_window
@@ -154,14 +159,19 @@ def _validate(opts: DecodeOptions) -> None:
     check(opts.threshold is None or 0 < opts.threshold <= 1, "threshold must be in (0, 1]")
 
 
-@register("window", LLADA, "diffuserve's Window-Diffusion serving mode: active/buffer/far-field, threshold, EOS exit")
+def stepper(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions, gen) -> WindowDecoder:
+    return WindowDecoder(model, prompt, opts, gen, own_cache=False)
+
+
+@register("window", LLADA, "diffuserve's Window-Diffusion serving mode: active/buffer/far-field, threshold, EOS exit",
+          stepper=stepper, validate=_validate)
 def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
              gen: torch.Generator | None = None) -> DecodeResult:
     _validate(opts)
     outs, calls, refreshes = [], 0, 0
     for row in prompt:  # one decoder per sequence; a scheduler batches them, this driver runs them in turn
         dec = WindowDecoder(model, row, opts, gen)
-        while dec.phase is not Phase.DONE and dec.step < 4 * opts.gen_length:
+        while dec.phase is not Phase.DONE and dec.step < dec.max_steps:
             plan = dec.plan()
             logits = model.forward(dec.forward_batch(plan))[0]
             dec.commit(plan, logits)

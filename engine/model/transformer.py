@@ -88,6 +88,8 @@ class ForwardBatch:
     logits_rows: LongTensor [B, R] of row indices into T to return logits for; None = all T rows.
     valid: optional bool [B, T], False on padding rows of a ragged batch: their K/V go to the cache's scratch
         slot instead of overwriting a real position (their outputs are garbage and must be ignored).
+    slots: where rows write K/V when the cache is a shared pool (engine.model.kv_pool): the runner has translated
+        positions (and keys) into pool slots; positions still drive RoPE.
     """
 
     ids: torch.Tensor
@@ -99,8 +101,11 @@ class ForwardBatch:
     logits_rows: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     rope_full_precision: bool | None = None  # None: the family's rule; False: rotate in the working dtype
+    slots: torch.Tensor | None = None  # [B, T] cache slots to write (a shared pool's); None: the positions
 
     def write_slots(self) -> torch.Tensor:
+        if self.slots is not None:
+            return self.slots
         if self.valid is None or self.cache is None:
             return self.positions
         return torch.where(self.valid, self.positions, torch.full_like(self.positions, self.cache.scratch))

@@ -1,0 +1,238 @@
+"""Engine: the loop that steps every running request in one batched forward, on a dedicated worker thread.
+
+Each step: act on aborts and deadlines, admit waiting requests (`Scheduler.admit`), ask each running request's
+decoder for its plan, pack the plans into one forward (`ModelRunner.step`), hand each request its logits
+(`commit`), emit what has settled, and retire the finished, freeing their KV pages right there. Requests join and
+leave between steps, so one request's refresh step and others' pruned steps share a forward.
+
+A failure inside the batched forward is retried request by request, so only the request that fails alone fails.
+Methods without a stepper (the reference loops) run whole, alone, inside one engine step.
+
+`AsyncEngine` is the front the server awaits: `generate()` submits a request and yields its outputs as they come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from typing import AsyncIterator
+
+import torch
+
+from .request import Request, RequestOutput, RequestPhase
+from .runner import ModelRunner, StepStats
+from .scheduler import Scheduler
+
+log = logging.getLogger("diffuserve.engine")
+
+
+class Engine:
+    def __init__(self, model, scheduler: Scheduler, runner: ModelRunner, metrics=None, threads: int | None = None):
+        self.model, self.scheduler, self.runner, self.metrics = model, scheduler, runner, metrics
+        self.threads = threads
+        self.lock = threading.Condition()
+        self.steps = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="diffuserve-engine", daemon=True)
+
+    # -- called from any thread ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, req: Request) -> None:
+        with self.lock:
+            self.scheduler.add(req)  # QueueFull / Draining / ValueError propagate to the caller
+            self._observe_queues()
+            self.lock.notify()
+
+    def abort(self, req: Request, reason: str = "abort") -> None:
+        with self.lock:
+            if req.phase in (RequestPhase.WAITING, RequestPhase.RUNNING) and req.abort_reason is None:
+                req.abort_reason = reason
+                self.lock.notify()
+
+    def drain(self) -> None:
+        with self.lock:
+            self.scheduler.draining = True
+
+    def wait_idle(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        with self.lock:
+            while not self.scheduler.idle:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self.lock.wait(min(left, 0.1))
+        return True
+
+    def stop(self) -> None:
+        with self.lock:
+            self._stop = True
+            self.lock.notify()
+        self._thread.join(timeout=10)
+
+    # -- the engine thread ---------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        while True:
+            with self.lock:
+                while self.scheduler.idle and not self._stop:
+                    leak = self.scheduler.leaks()
+                    if leak:
+                        log.error("leak check failed: %s", leak)
+                    self.lock.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception:  # the loop must survive anything a step does
+                log.exception("engine step failed")
+
+    def step(self) -> None:
+        """One engine step (public so tests can drive the engine synchronously)."""
+        with self.lock:
+            self._end_aborted()
+            admitted = self.scheduler.admit()
+            running = [r for r in self.scheduler.running if r not in admitted]
+            self._observe_queues()
+        for req in admitted:
+            req.phase = RequestPhase.RUNNING
+            self._guard(req, lambda r=req: r.start(self.model, r.kv))
+        running += admitted
+        stepwise = [r for r in running if r.phase is RequestPhase.RUNNING and r.stepwise]
+        for req in running:
+            if req.phase is RequestPhase.RUNNING and not req.stepwise:
+                self._guard(req, lambda r=req: self._run_whole(r))
+        if stepwise:
+            self._step_batch(stepwise)
+        with self.lock:
+            for req in running:
+                if req.phase is not RequestPhase.RUNNING:
+                    self._retire(req)
+            self.steps += 1
+            self._observe_queues()
+            self.lock.notify_all()
+
+    def _step_batch(self, reqs: list[Request]) -> None:
+        plans = []
+        for req in reqs:
+            self._guard(req, lambda r=req: plans.append((r, r.decoder.plan())))
+        n = self.scheduler.batch([len(p.positions) for _, p in plans])
+        if n < len(plans):  # rows over budget: the rest go first next step
+            with self.lock:
+                skipped = {id(r) for r, _ in plans[n:]}
+                run = self.scheduler.running
+                run.sort(key=lambda r: id(r) not in skipped)
+        plans = plans[:n]
+        work = [(r.decoder, r.kv, p) for r, p in plans]
+        try:
+            results, stats = self.runner.step(work)
+            outcome = list(zip(plans, results))
+        except Exception:
+            outcome, stats = self._isolate(plans)
+        if self.metrics is not None:
+            self.metrics.on_step(stats)
+        for (req, plan), logits in outcome:
+            self._guard(req, lambda r=req, p=plan, lg=logits: self._commit(r, p, lg))
+
+    def _isolate(self, plans) -> tuple[list, StepStats]:
+        """The batched forward raised: run each request alone; a request that fails alone fails, only it."""
+        outcome, total = [], StepStats()
+        for req, plan in plans:
+            try:
+                (logits,), stats = self.runner.step([(req.decoder, req.kv, plan)])
+            except Exception as exc:
+                self._fail(req, exc)
+                continue
+            outcome.append(((req, plan), logits))
+            for k in ("requests", "rows", "keys", "pruned"):
+                setattr(total, k, getattr(total, k) + getattr(stats, k))
+        return outcome, total
+
+    def _commit(self, req: Request, plan, logits) -> None:
+        before = int((req.decoder.x == req.mask_id).sum())
+        req.decoder.commit(plan, logits)
+        req.forward_calls += 1
+        if self.metrics is not None:
+            self.metrics.on_commit(before - int((req.decoder.x == req.mask_id).sum()))
+        done = req.done_decoding()
+        if req.emit(req.canvas(), final=done, logprobs=req.decoder.logprobs[len(req.prompt_ids):]):
+            req.phase = RequestPhase.FINISHED
+
+    def _run_whole(self, req: Request) -> None:
+        prompt = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.model.device)
+        result = req.method.generate(self.model, prompt, req.opts, req.gen)
+        req.forward_calls = result.forward_calls
+        req.emit(result.ids[0].tolist(), final=True)
+        req.phase = RequestPhase.FINISHED
+
+    def _guard(self, req: Request, fn) -> None:
+        if req.phase is not RequestPhase.RUNNING:
+            return
+        try:
+            fn()
+        except Exception as exc:
+            self._fail(req, exc)
+
+    def _fail(self, req: Request, exc: Exception) -> None:
+        log.exception("request %s failed", req.request_id, exc_info=exc)
+        req.end(RequestPhase.FAILED, "error", f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _end_aborted(self) -> None:
+        now = time.monotonic()
+        for req in itertools.chain(list(self.scheduler.waiting), list(self.scheduler.running)):
+            if req.abort_reason is None and req.deadline is not None and now > req.deadline:
+                req.abort_reason = "timeout"
+            if req.abort_reason is not None:
+                req.end(RequestPhase.ABORTED, req.abort_reason)
+                self._retire(req)
+
+    def _retire(self, req: Request) -> None:
+        self.scheduler.retire(req)
+        req.finished_at = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.on_finish(req)
+
+    def _observe_queues(self) -> None:
+        if self.metrics is not None:
+            self.metrics.on_queues(*self.scheduler.counts(), self.scheduler.pool.bytes_in_use)
+
+
+class RequestStream:
+    """The outputs of one submitted request, as an async iterator; leaving it early (or `abort()`) aborts it."""
+
+    def __init__(self, engine: Engine, req: Request, queue: asyncio.Queue):
+        self.engine, self.request, self.queue = engine, req, queue
+        self.finished = False
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                out = await self.queue.get()
+                self.finished = out.finished
+                yield out
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if not self.finished:  # the consumer went away (client disconnect, cancellation)
+            self.engine.abort(self.request)
+
+
+class AsyncEngine:
+    """The server's view of the engine: `submit` from the event loop, then iterate the request's outputs."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def submit(self, make_request) -> RequestStream:
+        """make_request(sink) -> Request. Raises QueueFull / Draining / ValueError at once, before any output."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        req = make_request(lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        self.engine.submit(req)
+        return RequestStream(self.engine, req, queue)

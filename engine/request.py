@@ -1,0 +1,120 @@
+"""Request: one generation's whole state, from arrival to its last output, with an explicit phase.
+
+A request owns its decoder (the method's per-request state: canvas, window partitions, step, phase within the
+method), its KV handle into the shared pool, how much of its settled output it has already emitted, and its stream
+detokenizer. The scheduler only moves requests between queues; the engine loop steps them and calls `emit`.
+Outputs go to `sink`, a callable the async front supplies (it forwards them to the event loop thread-safely).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .decoding import DecodeOptions, Method
+from .detokenizer import StreamDetokenizer, cut_at_stop, finish
+from .model.kv_pool import KVHandle
+
+
+class RequestPhase(enum.Enum):
+    WAITING = "waiting"  # queued, holds nothing
+    RUNNING = "running"  # admitted: holds a KV handle and a decoder
+    FINISHED = "finished"  # ended normally (EOS, stop string or length)
+    ABORTED = "aborted"  # client gone, deadline passed or server stopping
+    FAILED = "failed"  # its own generation raised; no other request is touched
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str  # new final text since the previous output
+    token_ids: list[int]  # new settled tokens since the previous output
+    logprobs: list[float]  # their log-probabilities (where the method records them)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" (finished), "abort" | "timeout" | "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    forward_calls: int = 0
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    method: Method
+    opts: DecodeOptions
+    seed: int
+    sink: Callable[[RequestOutput], None]
+    tokenizer: object = None
+    stop_ids: tuple[int, ...] = ()
+    mask_id: int = -1
+    stops: list[str] = field(default_factory=list)
+    deadline: float | None = None  # time.monotonic() after which the engine ends it
+    phase: RequestPhase = RequestPhase.WAITING
+    decoder: object = None
+    kv: KVHandle | None = None
+    emitted: int = 0  # settled generated tokens already sent
+    abort_reason: str | None = None  # set from any thread; acted on at the next step boundary
+    arrival: float = field(default_factory=time.monotonic)
+    first_output_at: float | None = None
+    finished_at: float | None = None
+    forward_calls: int = 0
+
+    def __post_init__(self):
+        self.detok = StreamDetokenizer(self.tokenizer, self.stops)
+        self.gen = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def capacity(self) -> int:
+        """Cache slots it needs: one per canvas position."""
+        return len(self.prompt_ids) + self.opts.gen_length
+
+    @property
+    def stepwise(self) -> bool:
+        return self.method.stepper is not None
+
+    def start(self, model, kv: KVHandle) -> None:
+        self.kv = kv
+        if self.stepwise:
+            prompt = torch.tensor(self.prompt_ids, dtype=torch.long)
+            self.decoder = self.method.stepper(model, prompt, self.opts, self.gen)
+
+    def canvas(self) -> list[int]:
+        return self.decoder.x[len(self.prompt_ids):].tolist()
+
+    def done_decoding(self) -> bool:
+        d = self.decoder
+        return d.phase.value == "done" or d.step >= d.max_steps
+
+    def emit(self, canvas: list[int], final: bool, logprobs: torch.Tensor | None = None) -> bool:
+        """Send what the canvas has settled since the last call; True if the output is complete (a stop token or
+        string was reached, or `final`)."""
+        settled, stopped = cut_at_stop(canvas, self.stop_ids, self.mask_id)
+        text = self.detok.update(settled, final=final or stopped)
+        complete = final or stopped or self.detok.stopped
+        new = settled[self.emitted:]
+        if not new and not text and not complete:
+            return False
+        lp = [] if logprobs is None else logprobs[self.emitted:len(settled)].tolist()
+        self.emitted = len(settled)
+        out = RequestOutput(self.request_id, text, new, lp, prompt_tokens=len(self.prompt_ids))
+        if complete:
+            done = finish(canvas, self.tokenizer, self.stop_ids, self.mask_id, self.stops)
+            out.finished, out.finish_reason = True, done.finish_reason
+            out.completion_tokens, out.forward_calls = len(done.token_ids), self.forward_calls
+            self.phase = RequestPhase.FINISHED
+        if self.first_output_at is None and (new or complete):
+            self.first_output_at = time.monotonic()
+        self.sink(out)
+        return complete
+
+    def end(self, phase: RequestPhase, reason: str, error: str | None = None) -> None:
+        """An abnormal end (abort, timeout, failure): one last output that says why."""
+        self.phase = phase
+        self.sink(RequestOutput(self.request_id, "", [], [], finished=True, finish_reason=reason, error=error,
+                                prompt_tokens=len(self.prompt_ids), forward_calls=self.forward_calls))

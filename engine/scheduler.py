@@ -1,0 +1,97 @@
+"""Scheduler: the waiting and running queues, admission within limits, and retirement. It owns queues only.
+
+Admission is first come, first served: the head of the waiting queue is admitted while the running set is under
+`max_running` and the KV pool has pages for its whole canvas; a head that does not fit yet blocks the queue (no
+overtaking, so a long request is never starved by short ones). Beyond `max_waiting` queued requests `add` refuses
+with `QueueFull` (the server answers 429); while draining it refuses with `Draining` (503).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .model.kv_pool import KVPool
+from .request import Request, RequestPhase
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Draining(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_running: int = 64
+    max_waiting: int = 256
+    max_rows_per_step: int = 8192  # query rows one batched forward may compute
+
+
+class Scheduler:
+    def __init__(self, limits: Limits, pool: KVPool):
+        self.limits, self.pool = limits, pool
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.draining = False
+
+    def add(self, req: Request) -> None:
+        if self.draining:
+            raise Draining("the server is shutting down")
+        if not self.pool.fits_at_all(req.capacity):
+            raise ValueError(f"prompt + max_tokens ({req.capacity} positions) exceeds the KV cache budget")
+        if len(self.waiting) >= self.limits.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+        self.waiting.append(req)
+
+    def admit(self) -> list[Request]:
+        """Move requests from the head of the waiting queue into the running set while they fit."""
+        admitted = []
+        while self.waiting and len(self.running) < self.limits.max_running:
+            head = self.waiting[0]
+            if not self.pool.can_allocate(head.capacity):
+                break
+            self.waiting.popleft()
+            head.kv = self.pool.allocate(head.capacity)
+            self.running.append(head)
+            admitted.append(head)
+        return admitted
+
+    def retire(self, req: Request) -> None:
+        """Take a request out of whichever queue holds it and free its KV pages: the one place they are freed."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        if req.kv is not None:
+            self.pool.free(req.kv)
+            req.kv = None
+        req.decoder = None
+
+    def batch(self, rows: list[int]) -> int:
+        """How many running requests (in admission order) this step computes: as many as fit `max_rows_per_step`
+        given each one's planned rows, and always at least one."""
+        total, n = 0, 0
+        for r in rows:
+            if n and total + r > self.limits.max_rows_per_step:
+                break
+            total, n = total + r, n + 1
+        return n
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def leaks(self) -> str | None:
+        """When idle nothing may be held: no KV page, no request in either queue."""
+        if self.idle and self.pool.pages_in_use:
+            return f"{self.pool.pages_in_use} KV pages held with no request running"
+        return None
+
+    def counts(self) -> tuple[int, int]:
+        return len(self.running), len(self.waiting)
+
+
+__all__ = ["Draining", "Limits", "QueueFull", "RequestPhase", "Scheduler"]
