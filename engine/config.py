@@ -38,6 +38,20 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    max_n: int = 16  # choices per prompt
+    max_prompts: int = 32  # prompts in one /v1/completions body
+    max_stop: int = 4  # stop strings (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 64  # requests stepped together
+    max_waiting: int = 256  # queued beyond the running set; more get 429
+    max_rows_per_step: int = 8192  # query rows one batched forward may compute
+    kv_cache_mb: int = 1024  # the shared KV pool's budget
+    request_timeout_s: float = 600.0  # a request still running after this is ended (504)
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests get to finish
+    threads: int | None = None  # torch threads of the engine thread; None: torch's default (one per core)
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> "Config":
         errors = []
@@ -60,6 +75,11 @@ class Config:
             errors.append(f"decoding.method {self.decoding.method!r} unknown; known: {sorted(METHODS)}")
         if not 0 < self.server.port < 65536:
             errors.append("server.port must be in 1..65535")
+        e = self.engine
+        if min(e.max_running, e.max_rows_per_step, e.kv_cache_mb) < 1 or e.max_waiting < 0:
+            errors.append("engine limits must be positive (max_waiting may be 0)")
+        if e.request_timeout_s <= 0 or e.drain_timeout_s < 0:
+            errors.append("engine.request_timeout_s must be positive and drain_timeout_s not negative")
         if errors:
             raise ValueError("invalid configuration: " + "; ".join(errors))
         return self
@@ -75,7 +95,7 @@ def _section(cls, values: dict, where: str):
 
 def build_config(yaml_path: str | None = None, **overrides) -> Config:
     """YAML, then DIFFUSERVE_* environment, then keyword overrides (section__key=value, None = not given)."""
-    raw: dict[str, dict] = {"model": {}, "decoding": {}, "server": {}}
+    raw: dict[str, dict] = {"model": {}, "decoding": {}, "server": {}, "engine": {}}
     if yaml_path:
         import yaml  # pyyaml comes with transformers
 
@@ -102,5 +122,6 @@ def build_config(yaml_path: str | None = None, **overrides) -> Config:
     _section(DecodeOptions, opts, "decoding.options")
     decoding = DecodingConfig(options=DecodeOptions(**opts), **_section(DecodingConfig, raw["decoding"], "decoding"))
     return Config(model=ModelConfig(**_section(ModelConfig, raw["model"], "model")), decoding=decoding,
-                  server=ServerConfig(**_section(ServerConfig, raw["server"], "server"))).validate()
+                  server=ServerConfig(**_section(ServerConfig, raw["server"], "server")),
+                  engine=EngineConfig(**_section(EngineConfig, raw["engine"], "engine"))).validate()
 

@@ -80,6 +80,7 @@ class StreamDetokenizer:
         self.tokenizer, self.stops = tokenizer, [s for s in (stops or []) if s]
         self.sent = ""
         self.stopped = False
+        self.holding = False  # the last update kept some decoded text back
 
     def update(self, settled: list[int], final: bool = False) -> str:
         if self.stopped:
@@ -89,8 +90,9 @@ class StreamDetokenizer:
             text, hit = apply_stop_strings(text, self.stops)
             if hit:
                 self.stopped = final = True
-        if not final:
-            text = text[: len(text) - _held_back(text, self.stops)]
+        hold = 0 if final else _held_back(text, self.stops)
+        self.holding = hold > 0
+        text = text[: len(text) - hold]
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return ""
         delta, self.sent = text[len(self.sent):], text

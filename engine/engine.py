@@ -134,10 +134,11 @@ class Engine:
             outcome = list(zip(plans, results))
         except Exception:
             outcome, stats = self._isolate(plans)
-        if self.metrics is not None:
-            self.metrics.on_step(stats)
+        tally = [0, 0]  # tokens committed, refresh steps
         for (req, plan), logits in outcome:
-            self._guard(req, lambda r=req, p=plan, lg=logits: self._commit(r, p, lg))
+            self._guard(req, lambda r=req, p=plan, lg=logits: self._commit(r, p, lg, tally))
+        if self.metrics is not None:
+            self.metrics.on_step(stats, *tally)
 
     def _isolate(self, plans) -> tuple[list, StepStats]:
         """The batched forward raised: run each request alone; a request that fails alone fails, only it."""
@@ -153,12 +154,13 @@ class Engine:
                 setattr(total, k, getattr(total, k) + getattr(stats, k))
         return outcome, total
 
-    def _commit(self, req: Request, plan, logits) -> None:
-        before = int((req.decoder.x == req.mask_id).sum())
-        req.decoder.commit(plan, logits)
+    def _commit(self, req: Request, plan, logits, tally: list[int]) -> None:
+        dec = req.decoder
+        masks, refreshes = int((dec.x == req.mask_id).sum()), dec.refresh_calls
+        dec.commit(plan, logits)
         req.forward_calls += 1
-        if self.metrics is not None:
-            self.metrics.on_commit(before - int((req.decoder.x == req.mask_id).sum()))
+        tally[0] += masks - int((dec.x == req.mask_id).sum())
+        tally[1] += dec.refresh_calls - refreshes
         done = req.done_decoding()
         if req.emit(req.canvas(), final=done, logprobs=req.decoder.logprobs[len(req.prompt_ids):]):
             req.phase = RequestPhase.FINISHED
@@ -179,7 +181,10 @@ class Engine:
             self._fail(req, exc)
 
     def _fail(self, req: Request, exc: Exception) -> None:
-        log.exception("request %s failed", req.request_id, exc_info=exc)
+        if isinstance(exc, ValueError):  # the method rejected the request's options: the client's error
+            req.end(RequestPhase.FAILED, "error", str(exc), status=400)
+            return
+        log.error("request %s failed", req.request_id, exc_info=exc)
         req.end(RequestPhase.FAILED, "error", f"generation failed: {type(exc).__name__}: {exc}")
 
     def _end_aborted(self) -> None:
@@ -195,44 +200,59 @@ class Engine:
         self.scheduler.retire(req)
         req.finished_at = time.monotonic()
         if self.metrics is not None:
-            self.metrics.on_finish(req)
+            self.metrics.on_finish(req, req.completion_tokens)
 
     def _observe_queues(self) -> None:
         if self.metrics is not None:
             self.metrics.on_queues(*self.scheduler.counts(), self.scheduler.pool.bytes_in_use)
 
 
-class RequestStream:
-    """The outputs of one submitted request, as an async iterator; leaving it early (or `abort()`) aborts it."""
+class RequestGroup:
+    """The outputs of requests submitted together (a body's prompts x n choices), as (index, output) pairs in the
+    order they arrive; leaving the iteration early (or `abort()`) aborts every request still running."""
 
-    def __init__(self, engine: Engine, req: Request, queue: asyncio.Queue):
-        self.engine, self.request, self.queue = engine, req, queue
-        self.finished = False
+    def __init__(self, engine: Engine, queue: asyncio.Queue):
+        self.engine, self.queue = engine, queue
+        self.requests: list[Request] = []
+        self.index: dict[str, int] = {}
+        self.open: set[str] = set()
 
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         try:
-            while not self.finished:
+            while self.open:
                 out = await self.queue.get()
-                self.finished = out.finished
-                yield out
+                if out.finished:
+                    self.open.discard(out.request_id)
+                yield self.index[out.request_id], out
         finally:
             self.abort()
 
     def abort(self) -> None:
-        if not self.finished:  # the consumer went away (client disconnect, cancellation)
-            self.engine.abort(self.request)
+        for req in self.requests:
+            if req.request_id in self.open:
+                self.engine.abort(req)
 
 
 class AsyncEngine:
-    """The server's view of the engine: `submit` from the event loop, then iterate the request's outputs."""
+    """The server's view of the engine: `submit` from the event loop, then iterate the outputs."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def submit(self, make_request) -> RequestStream:
-        """make_request(sink) -> Request. Raises QueueFull / Draining / ValueError at once, before any output."""
+    def submit(self, makers: list) -> RequestGroup:
+        """makers: callables sink -> Request. Raises QueueFull / Draining / ValueError before any output; then
+        the requests already submitted are aborted, so a body's choices are taken all or none."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        req = make_request(lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
-        self.engine.submit(req)
-        return RequestStream(self.engine, req, queue)
+        group = RequestGroup(self.engine, queue)
+        try:
+            for i, make in enumerate(makers):
+                req = make(lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+                self.engine.submit(req)
+                group.requests.append(req)
+                group.index[req.request_id] = i
+                group.open.add(req.request_id)
+        except Exception:
+            group.abort()
+            raise
+        return group

@@ -37,6 +37,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" (finished), "abort" | "timeout" | "error"
     error: str | None = None
+    status: int = 200  # with an error: 400 when the request itself was invalid, 500 otherwise
     prompt_tokens: int = 0
     completion_tokens: int = 0
     forward_calls: int = 0
@@ -64,6 +65,7 @@ class Request:
     first_output_at: float | None = None
     finished_at: float | None = None
     forward_calls: int = 0
+    completion_tokens: int = 0  # known once finished: tokens before EOS or the stop string
 
     def __post_init__(self):
         self.detok = StreamDetokenizer(self.tokenizer, self.stops)
@@ -97,24 +99,29 @@ class Request:
         settled, stopped = cut_at_stop(canvas, self.stop_ids, self.mask_id)
         text = self.detok.update(settled, final=final or stopped)
         complete = final or stopped or self.detok.stopped
-        new = settled[self.emitted:]
+        done = finish(canvas, self.tokenizer, self.stop_ids, self.mask_id, self.stops) if complete else None
+        # Tokens go out with the text that covers them: none while text is held back (they might lie past a stop
+        # string), and at the end exactly the completion's tokens.
+        upto = len(done.token_ids) if complete else (self.emitted if self.detok.holding else len(settled))
+        new = settled[self.emitted:upto]
         if not new and not text and not complete:
             return False
-        lp = [] if logprobs is None else logprobs[self.emitted:len(settled)].tolist()
-        self.emitted = len(settled)
+        lp = [] if logprobs is None else logprobs[self.emitted:upto].tolist()
+        self.emitted = max(self.emitted, upto)
         out = RequestOutput(self.request_id, text, new, lp, prompt_tokens=len(self.prompt_ids))
         if complete:
-            done = finish(canvas, self.tokenizer, self.stop_ids, self.mask_id, self.stops)
             out.finished, out.finish_reason = True, done.finish_reason
-            out.completion_tokens, out.forward_calls = len(done.token_ids), self.forward_calls
+            self.completion_tokens = len(done.token_ids)
+            out.completion_tokens, out.forward_calls = self.completion_tokens, self.forward_calls
             self.phase = RequestPhase.FINISHED
         if self.first_output_at is None and (new or complete):
             self.first_output_at = time.monotonic()
         self.sink(out)
         return complete
 
-    def end(self, phase: RequestPhase, reason: str, error: str | None = None) -> None:
+    def end(self, phase: RequestPhase, reason: str, error: str | None = None, status: int = 500) -> None:
         """An abnormal end (abort, timeout, failure): one last output that says why."""
         self.phase = phase
         self.sink(RequestOutput(self.request_id, "", [], [], finished=True, finish_reason=reason, error=error,
-                                prompt_tokens=len(self.prompt_ids), forward_calls=self.forward_calls))
+                                status=status, prompt_tokens=len(self.prompt_ids),
+                                forward_calls=self.forward_calls))

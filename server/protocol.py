@@ -1,7 +1,8 @@
 """OpenAI wire format: request and response bodies of /v1/completions, /v1/chat/completions and /v1/models.
 
-Unknown request fields are ignored, as OpenAI does. Diffusion-specific knobs (method, steps, block_length,
-threshold, ...) are accepted as extra top-level fields and validated against DecodeOptions.
+Unknown request fields are ignored, as OpenAI does, except the ones we cannot honour (`UNHONOURED`): those get a
+400 that names the field rather than a silently different answer. Diffusion-specific knobs (method, steps,
+block_length, threshold, window sizes, ...) are accepted as extra top-level fields.
 """
 
 from __future__ import annotations
@@ -10,7 +11,23 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# field -> the values we can honour (anything else is a 400 naming the field)
+UNHONOURED = {
+    "suffix": lambda v: v in (None, ""),
+    "best_of": lambda v: v in (None, 1),
+    "logit_bias": lambda v: not v,
+    "presence_penalty": lambda v: v in (None, 0, 0.0),
+    "frequency_penalty": lambda v: v in (None, 0, 0.0),
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v in (None, ["text"]),
+    "prediction": lambda v: v is None,
+}
 
 
 class DiffusionFields(BaseModel):
@@ -22,8 +39,28 @@ class DiffusionFields(BaseModel):
     steps: int | None = Field(default=None, ge=1)
     block_length: int | None = Field(default=None, ge=1)
     threshold: float | None = Field(default=None, gt=0, le=1)
-    remasking: str | None = None
+    remasking: Literal["low_confidence", "random"] | None = None
     alg: str | None = None
+    window_tokens: int | None = Field(default=None, ge=1)
+    active_tokens: int | None = Field(default=None, ge=1)
+    refresh_cycle: int | None = Field(default=None, ge=1)
+    refresh: Literal["full", "window"] | None = None
+    eos_early_exit: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _honourable(cls, data):
+        if isinstance(data, dict):
+            for name, ok in UNHONOURED.items():
+                if name in data and not ok(data[name]):
+                    raise ValueError(f"unsupported:{name}")
+        return data
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
 
 
 class SamplingFields(DiffusionFields):
@@ -33,27 +70,45 @@ class SamplingFields(DiffusionFields):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=1)  # only the committed token's logprob is known
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=0)  # alternatives are not computed
 
 
 def new_id(prefix: str) -> str:
@@ -65,17 +120,28 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int) -> dict:
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)],
+            "text_offset": offsets}
 
 
-def chat_body(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                        for t, lp in zip(tokens, logprobs)]}
+
+
+def completion_body(rid: str, model: str, choices: list[dict], use: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": use}
+
+
+def chat_body(rid: str, model: str, choices: list[dict], use: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": use}
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

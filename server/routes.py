@@ -1,130 +1,264 @@
-"""HTTP routes: OpenAI-compatible endpoints over one loaded LLM.
+"""HTTP routes: the OpenAI-compatible endpoints, over the engine's async front.
 
-Generation runs on a single worker thread, never on the event loop, so /health answers during a model step.
-(This is the foundation's minimal server: one request at a time, no streaming; the scheduler with continuous
-batching and SSE streaming replace `_run` without changing the routes' contract.)
+A POST body is parsed (protocol), checked against the loaded model's limits, turned into one engine `Request` per
+prompt and choice, and submitted as a group; the response is then either collected (`Job.body`) or streamed as SSE
+(`sse.events`). Before answering 200 the route waits for the group's first output, so an option the method rejects
+still gets a proper 400 even when streaming. Client disconnects abort the group at the next engine step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-from concurrent.futures import ThreadPoolExecutor
+import secrets
+import time
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.config import SERVING_METHOD, Config
-from engine.decoding import DecodeOptions
+from engine.decoding import METHODS, DecodeOptions
+from engine.engine import AsyncEngine
 from engine.llm import LLM
+from engine.request import Request as EngineRequest
+from engine.scheduler import Draining, QueueFull
 
-from .protocol import ChatRequest, CompletionRequest, chat_body, completion_body, error_body
+from .errors import APIError, install
+from .protocol import ChatRequest, CompletionRequest, new_id
+from .sse import Choice, Job, error_of, events
 
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type = status, message, param, type_
-
-
-def _options(cfg: Config, req, max_tokens: int | None) -> DecodeOptions:
-    changes = {k: v for k, v in {"gen_length": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-                                 "steps": req.steps, "block_length": req.block_length, "threshold": req.threshold,
-                                 "remasking": req.remasking, "alg": req.alg}.items() if v is not None}
-    return cfg.decoding.options.with_(**changes)
+OPTION_FIELDS = ("temperature", "top_p", "steps", "block_length", "threshold", "remasking", "alg", "window_tokens",
+                 "active_tokens", "refresh_cycle", "refresh", "eos_early_exit")
 
 
-def create_app(cfg: Config, llm: LLM) -> FastAPI:
-    app = FastAPI(title="diffuserve", version="0.1.0")
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffuserve-engine")
-    served = cfg.model.served_model_name or cfg.model.path.rstrip("/").split("/")[-1]
+class Routes:
+    """The endpoints' shared state: config, model, engine front, metrics."""
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > cfg.server.max_body_bytes):
-            return JSONResponse(error_body("request body too large"), status_code=413)
-        if cfg.server.api_key and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), cfg.server.api_key.encode()):
-                return JSONResponse(error_body("invalid or missing API key", "authentication_error"), 401)
-        return await call_next(request)
+    def __init__(self, cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready):
+        self.cfg, self.llm, self.front, self.metrics, self.ready = cfg, llm, front, metrics, ready
+        self.served = cfg.model.served_model_name or cfg.model.path.rstrip("/").split("/")[-1]
 
-    @app.exception_handler(APIError)
-    async def api_error(_, exc: APIError):
-        return JSONResponse(error_body(exc.message, exc.type, exc.param), status_code=exc.status)
+    # -- validation ----------------------------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.served:
+            raise APIError(404, f"model {name!r} not found; this server serves {self.served!r}", "model",
+                           "not_found_error", code="model_not_found")
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        return JSONResponse(error_body(f"{param}: {first.get('msg', 'invalid request')}", param=param), 400)
+    def method(self, req):
+        name = req.method or self.cfg.decoding.method or SERVING_METHOD[self.llm.spec.family]
+        m = METHODS.get(name)
+        if m is None:
+            raise APIError(400, f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}", "method")
+        if m.family != self.llm.spec.family:
+            raise APIError(400, f"method {name!r} decodes {m.family} models, this one is {self.llm.spec.family}",
+                           "method")
+        return m
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), "not_found_error" if exc.status_code == 404 else
-                                       "invalid_request_error"), status_code=exc.status_code)
+    def options(self, req, max_tokens: int | None, longest_prompt: int, method) -> DecodeOptions:
+        base = self.cfg.decoding.options
+        gen = max_tokens or base.gen_length
+        limit = self.llm.spec.max_positions
+        if longest_prompt >= limit:
+            raise APIError(400, f"the prompt has {longest_prompt} tokens; this model's context is {limit}", "prompt",
+                           code="context_length_exceeded")
+        if longest_prompt + gen > limit:
+            raise APIError(400, f"prompt ({longest_prompt} tokens) + max_tokens ({gen}) exceeds this model's "
+                           f"context of {limit} tokens", "max_tokens", code="context_length_exceeded")
+        changes = {k: getattr(req, k) for k in OPTION_FIELDS if getattr(req, k) is not None}
+        if changes.get("steps", 0) > gen:
+            raise APIError(400, f"steps ({changes['steps']}) cannot exceed max_tokens ({gen})", "steps")
+        opts = base.with_(gen_length=gen, **changes)
+        if method.validate is not None:
+            try:
+                method.validate(opts)
+            except ValueError as exc:
+                raise APIError(400, str(exc)) from None
+        return opts
 
-    def _check_model(name: str | None) -> None:
-        if name is not None and name != served:
-            raise APIError(404, f"model {name!r} not found; this server serves {served!r}", "model")
+    def common(self, req, n_prompts: int) -> None:
+        s = self.cfg.server
+        if req.n > s.max_n:
+            raise APIError(400, f"n must be at most {s.max_n}", "n")
+        if n_prompts * req.n > s.max_n * 2 and n_prompts > 1:
+            raise APIError(400, f"prompts x n must be at most {s.max_n * 2}", "n")
+        if len(req.stops()) > s.max_stop:
+            raise APIError(400, f"at most {s.max_stop} stop sequences are allowed", "stop")
+        if any(not isinstance(x, str) or not x for x in req.stops()):
+            raise APIError(400, "stop sequences must be non-empty strings", "stop")
 
-    async def _run(ids: list[int], req, max_tokens: int | None):
-        if req.stream:
-            raise APIError(400, "stream=true is not supported by this server yet", "stream")
-        opts = _options(cfg, req, max_tokens)
-        stops = [req.stop] if isinstance(req.stop, str) else req.stop
-        loop = asyncio.get_running_loop()
+    def prompts(self, prompt) -> list[list[int]]:
+        """A completion body's prompt (string, strings, ids, lists of ids) -> token id lists."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        if len(prompt) > self.cfg.server.max_prompts:
+            raise APIError(400, f"at most {self.cfg.server.max_prompts} prompts per request", "prompt")
+        out = []
+        for p in prompt:
+            ids = self.encode(p) if isinstance(p, str) else list(p)
+            vocab = self.llm.spec.vocab_size
+            if not ids:
+                raise APIError(400, "prompt must not be empty", "prompt")
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"token ids must be in [0, {vocab})", "prompt")
+            out.append(ids)
+        return out
+
+    def encode(self, text: str) -> list[int]:
         try:
-            method = req.method or cfg.decoding.method or SERVING_METHOD[llm.spec.family]
-            return await loop.run_in_executor(pool, lambda: llm.generate(
-                ids, method, opts, seed=req.seed or 0, stop=stops))
-        except (ValueError, KeyError) as exc:
-            raise APIError(400, str(exc).strip("'\"")) from None
-        except Exception as exc:  # one request's failure ends that request only
-            raise APIError(500, f"generation failed: {type(exc).__name__}", type_="server_error") from None
+            return self.llm.encode(text)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "prompt") from None
+
+    # -- running a job ---------------------------------------------------------------------------------------------
+    def submit(self, req, prompts: list[list[int]], opts: DecodeOptions, method, rid: str):
+        llm, timeout = self.llm, self.cfg.engine.request_timeout_s
+        base_seed = req.seed if req.seed is not None else secrets.randbits(62)
+        makers = []
+        for p, ids in enumerate(prompts):
+            for k in range(req.n):
+                i = p * req.n + k
+
+                def make(sink, ids=ids, i=i):
+                    return EngineRequest(f"{rid}-{i}", ids, method, opts, (base_seed + i) % 2**63, sink,
+                                         llm.tokenizer, llm.spec.stop_ids, llm.spec.mask_id, req.stops(),
+                                         deadline=time.monotonic() + timeout)
+                makers.append(make)
+        try:
+            return self.front.submit(makers)
+        except QueueFull as exc:
+            self.metrics.on_rejected()
+            raise APIError(429, f"server busy: {exc}; retry later", type_="rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+        except Draining as exc:
+            self.metrics.on_rejected()
+            raise APIError(503, str(exc), type_="server_error", headers={"Retry-After": "5"}) from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), "max_tokens") from None
+
+    async def respond(self, http: Request, job: Job, group, stream: bool):
+        it = group.__aiter__()
+        try:
+            first = await _next_or_disconnect(http, it)
+        except BaseException:
+            await it.aclose()
+            raise
+        if first is None:  # the client left before anything came out
+            await it.aclose()
+            return Response(status_code=499)
+        i, out = first
+        if out.error is not None or out.finish_reason in ("abort", "timeout"):
+            await it.aclose()
+            status, body = error_of(out)
+            return JSONResponse(body, status_code=status)
+        if stream:
+            return StreamingResponse(events(job, it, [first]), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        job.absorb(i, out)
+        while True:
+            item = await _next_or_disconnect(http, it)
+            if item is None:
+                break
+            job.absorb(*item)
+        await it.aclose()
+        err = job.first_error()
+        if err is not None:
+            status, body = error_of(err)
+            return JSONResponse(body, status_code=status)
+        if any(c.finish_reason is None for c in job.choices):  # the client left
+            return Response(status_code=499)
+        return JSONResponse(job.body())
+
+    def token_text(self, ids: list[int]) -> list[str]:
+        tok = self.llm.tokenizer
+        return [tok.decode([t], skip_special_tokens=False) if tok is not None else str(t) for t in ids]
+
+
+async def _next_or_disconnect(http: Request, it):
+    """The group's next output, or None once the iteration ends or the client disconnects (checked every 0.5 s)."""
+    nxt = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({nxt}, timeout=0.5)
+            if done:
+                try:
+                    return nxt.result()
+                except StopAsyncIteration:
+                    return None
+            if await http.is_disconnected():
+                return None
+    finally:
+        if not nxt.done():
+            nxt.cancel()
+
+
+def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> FastAPI:
+    """ready(): True while the model is loaded and the server is not draining."""
+    app = FastAPI(title="diffuserve", version="0.1.0")
+    r = Routes(cfg, llm, front, metrics, ready)
+    install(app, cfg)
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
 
+    @app.get("/ready")
+    async def readiness():
+        if not ready():
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def card() -> dict:
+        return {"id": r.served, "object": "model", "created": 0, "owned_by": "diffuserve",
+                "max_model_len": llm.spec.max_positions}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served, "object": "model", "owned_by": "diffuserve"}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        r.check_model(model_id)
+        return card()
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        _check_model(req.model)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise APIError(400, "only one prompt per request is supported", "prompt")
-            prompt = prompt[0]
-        ids = list(prompt) if isinstance(prompt, list) else _encode(llm, prompt, chat=False)
-        out = await _run(ids, req, req.max_tokens)
-        c = out.completion
-        return completion_body(served, c.text, c.finish_reason, len(ids), len(c.token_ids))
+    async def completions(req: CompletionRequest, http: Request):
+        r.check_model(req.model)
+        r.common(req, 1)
+        prompts = r.prompts(req.prompt)
+        r.common(req, len(prompts))
+        method = r.method(req)
+        opts = r.options(req, req.max_tokens or 16, max(map(len, prompts)), method)
+        rid = new_id("cmpl")
+        choices = []
+        for ids in prompts:
+            prefix = llm.tokenizer.decode(ids, skip_special_tokens=True) if req.echo and llm.tokenizer else ""
+            choices += [Choice(len(choices) + k, prefix=prefix) for k in range(req.n)]
+        job = Job(rid, r.served, False, choices, sum(map(len, prompts)), r.token_text, req.logprobs is not None,
+                  bool(req.stream and req.stream_options and req.stream_options.include_usage))
+        return await r.respond(http, job, r.submit(req, prompts, opts, method, rid), req.stream)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        _check_model(req.model)
-        if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
+    async def chat(req: ChatRequest, http: Request):
+        r.check_model(req.model)
+        r.common(req, 1)
+        tok = llm.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template", "messages")
-        text = llm.tokenizer.apply_chat_template([m.model_dump() for m in req.messages],
-                                                 add_generation_prompt=True, tokenize=False)
-        ids = llm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        out = await _run(ids, req, req.max_completion_tokens or req.max_tokens)
-        c = out.completion
-        return chat_body(served, c.text, c.finish_reason, len(ids), len(c.token_ids))
+        text = tok.apply_chat_template([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                                        for m in req.messages], add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        method = r.method(req)
+        opts = r.options(req, req.max_completion_tokens or req.max_tokens, len(ids), method)
+        rid = new_id("chatcmpl")
+        job = Job(rid, r.served, True, [Choice(k) for k in range(req.n)], len(ids), r.token_text, req.logprobs,
+                  bool(req.stream and req.stream_options and req.stream_options.include_usage))
+        return await r.respond(http, job, r.submit(req, [ids], opts, method, rid), req.stream)
 
     return app
-
-
-def _encode(llm: LLM, text: str, chat: bool) -> list[int]:
-    try:
-        return llm.encode(text, chat=chat)
-    except ValueError as exc:
-        raise APIError(400, str(exc), "prompt") from None

@@ -1,0 +1,51 @@
+"""A model-free runner for testing the scheduler, the engine loop and the window bookkeeping on CPU.
+
+`FakeRunner.step` has `ModelRunner.step`'s contract but returns logits that make each candidate row choose the
+scripted token of its position (`script(prompt_ids) -> output ids`, then EOS), with an optional delay per step and
+injected faults: a request whose prompt contains `fault_token` makes the batched forward raise, and raises again
+when run alone, so only it fails. Decoders are real `WindowDecoder`s built on `FakeModel` (a spec, no weights).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .model.spec import ModelSpec
+from .runner import StepStats
+
+
+@dataclass
+class FakeModel:
+    spec: ModelSpec
+    device: str = "cpu"
+
+
+@dataclass
+class FakeRunner:
+    spec: ModelSpec
+    script: Callable[[list[int]], list[int]]
+    delay: float = 0.0
+    fault_token: int | None = None
+    batches: list[int] = field(default_factory=list)  # requests per step, for assertions
+
+    def step(self, work) -> tuple[list[torch.Tensor], StepStats]:
+        if self.delay:
+            time.sleep(self.delay)
+        self.batches.append(len(work))
+        stats = StepStats(requests=len(work))
+        out = []
+        for dec, _, plan in work:
+            prompt = dec.x[: dec.prompt_len].tolist()
+            if self.fault_token is not None and self.fault_token in prompt:
+                raise RuntimeError("injected fault")
+            want = self.script(prompt) + [self.spec.eos_id] * dec.x.shape[0]
+            rows = plan.positions[plan.candidates] - dec.prompt_len  # [R] offsets into the generation
+            logits = torch.zeros(len(rows), self.spec.vocab_size)
+            logits[torch.arange(len(rows)), torch.tensor([want[int(r)] for r in rows], dtype=torch.long)] = 20.0
+            out.append(logits)
+            stats.rows += len(plan.positions)
+        return out, stats
