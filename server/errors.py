@@ -43,6 +43,10 @@ class Guard:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await _send_json(send, 413, error_body("request body too large", code="body_too_large"))
+        ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if scope["method"] == "POST" and ctype not in ("application/json", "") and not ctype.endswith("+json"):
+            return await _send_json(send, 415, error_body(f"Content-Type must be application/json, not {ctype!r}",
+                                                          code="unsupported_media_type"))
         if self.key and scope["path"].startswith("/v1/"):
             auth = headers.get("authorization", "")
             given = auth[7:] if auth[:7].lower() == "bearer " else ""

@@ -80,6 +80,13 @@ def tmp_model_dir(tmp_path):
 def running_server(*serve_args: str, env: dict | None = None):
     """`diffuserve serve ARGS` as a real process on a free loopback port; yields its base URL once /health
     answers, and stops it afterwards."""
+    with server_process(*serve_args, env=env) as (_, base):
+        yield base
+
+
+@contextlib.contextmanager
+def server_process(*serve_args: str, env: dict | None = None):
+    """As running_server, yielding (process, base URL), for tests that signal the process themselves."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -97,8 +104,12 @@ def running_server(*serve_args: str, env: dict | None = None):
         else:
             log.seek(0)
             raise RuntimeError(f"server did not start:\n{log.read()}")
-        yield base
+        yield proc, base
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         log.close()
