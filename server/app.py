@@ -74,3 +74,6 @@ class DrainingServer(uvicorn.Server):
         if not self.engine.wait_idle(self.drain_timeout):
             log.warning("drain timeout: stopping with requests still in flight")
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after its shutdown (the process would die of SIGTERM); a completed
+        # drain is a clean exit, status 0.
+        getattr(self, "_captured_signals", []).clear()
