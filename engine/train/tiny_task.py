@@ -14,7 +14,7 @@ import torch
 from ..model import ForwardBatch, ModelSpec
 from ..model.saver import random_model, save_checkpoint
 from . import task_data as tk
-from .trainer import TrainConfig, config_dict, train
+from .trainer import TrainConfig, config_dict, native_bf16, train
 
 TOKENS_PER_STEP = 4096
 
@@ -54,7 +54,7 @@ def run(out: Path, work: Path, steps: int, seed: int = 0) -> dict:
     model = random_model(task_spec(), seed=seed)
     cfg = TrainConfig(steps=steps, batch_size=0, lr=3e-3, warmup=150, seed=seed, eval_every=max(50, steps // 8))
     log = train(model, tk.TaskBatches(TOKENS_PER_STEP, seed=seed), cfg, work / "ckpt", make_eval(),
-                autocast_bf16=True)
+                autocast_bf16=native_bf16())
     save_checkpoint(model, out, torch.bfloat16)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (out / name).write_bytes((tok_dir / name).read_bytes())

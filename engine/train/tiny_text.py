@@ -21,7 +21,7 @@ from ..model.tokenizer import load_tokenizer
 from . import text_data as td
 from .card import write_card
 from .objective import elbo
-from .trainer import TrainConfig, config_dict, train
+from .trainer import TrainConfig, config_dict, native_bf16, train
 
 SEQ_LEN = 256
 VOCAB = 4096
@@ -70,7 +70,7 @@ def run(out: Path, work: Path, steps: int, batch_size: int = 16, seed: int = 0) 
     model = random_model(spec, seed=seed)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seed=seed, eval_every=max(50, steps // 6))
     batches = td.TextBatches(train_stream, SEQ_LEN, batch_size, seed)
-    log = train(model, batches, cfg, work / "ckpt", make_eval(held), autocast_bf16=True)
+    log = train(model, batches, cfg, work / "ckpt", make_eval(held), autocast_bf16=native_bf16())
     save_checkpoint(model, out, torch.bfloat16)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (out / name).write_bytes((tok_dir / name).read_bytes())

@@ -37,6 +37,17 @@ class TrainConfig:
     ckpt_every: int = 250
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Only there does bf16 autocast pay: measured
+    1.5x faster on such a CPU, but 8x slower on an AVX2-only EPYC (15 s vs 1.8 s for a tiny-task step)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
