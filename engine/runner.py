@@ -5,9 +5,10 @@ rows' logits it will read (`StepPlan`). The runner translates positions and keys
 request's `KVHandle`, pads the ragged plans into one `ForwardBatch` (padding rows write to the scratch slot, padded
 keys are masked out), runs the model once, and hands each request its own logits back.
 
-Padding rather than a packed (varlen) layout: the model's attention is SDPA over [B, heads, T, K], and a packed
-batch would need a block-diagonal mask over all rows and keys together, larger than the padded one whenever more
-than one request runs. (A measured comparison of the two is still to be done: see docs/benchmarks.md.)
+Layout, chosen by measurement (docs/benchmarks.md): the dense layers (projections, MLP: almost all the FLOPs) run
+on the real rows packed together, and only attention uses the padded [B, T] x [B, K] layout, where padding is
+cheap. Padding everything made a batch cost B x its longest plan: one request in its refresh step (a whole
+window of rows) padded every other request's few active rows up to that size.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ class StepStats:
 
 
 class ModelRunner:
-    def __init__(self, model: DiffusionLM, pool: KVPool):
-        self.model, self.pool = model, pool
+    def __init__(self, model: DiffusionLM, pool: KVPool, pack: bool = True):
+        self.model, self.pool, self.pack = model, pool, pack  # pack=False: the all-padded layout (bench.layout)
         self.view = PoolView(pool)
 
     @torch.inference_mode()
@@ -62,6 +63,7 @@ class ModelRunner:
         slots = torch.full((B, T), scratch, dtype=torch.long)
         key_slots = torch.full((B, K), scratch, dtype=torch.long)
         visible = torch.zeros((B, K), dtype=torch.bool)
+        real = torch.zeros((B, T), dtype=torch.bool)
         rows = torch.zeros((B, R), dtype=torch.long)
         counts = []
         for b, ((dec, handle, plan), kk) in enumerate(zip(work, keys)):
@@ -71,10 +73,15 @@ class ModelRunner:
             slots[b, :t] = handle.slots(plan.positions)
             key_slots[b, :k] = handle.slots(kk)
             visible[b, :k] = True
+            real[b, :t] = True
             rows[b, :r] = plan.candidates
             counts.append(r)
         # Only a ragged key set needs a mask; without one SDPA takes the same path a lone request takes.
         mask = None if bool(visible.all()) else visible[:, None, None, :].expand(B, 1, T, K).to(dev)
+        # Ragged rows are packed for the dense layers: a request in its refresh step (the whole window) no longer
+        # pads every other request's few active rows up to its size.
+        packed = self.pack and not bool(real.all())
         fb = ForwardBatch(ids=ids.to(dev), positions=pos.to(dev), cache=self.view, keys=key_slots.to(dev),
-                          attn_mask=mask, logits_rows=rows.to(dev), slots=slots.to(dev))
+                          attn_mask=mask, logits_rows=rows.to(dev), slots=slots.to(dev),
+                          valid=real.to(dev) if packed else None, packed=packed)
         return fb, counts

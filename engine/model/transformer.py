@@ -90,6 +90,8 @@ class ForwardBatch:
         slot instead of overwriting a real position (their outputs are garbage and must be ignored).
     slots: where rows write K/V when the cache is a shared pool (engine.model.kv_pool): the runner has translated
         positions (and keys) into pool slots; positions still drive RoPE.
+    packed: the projections and MLP run on the valid rows alone, packed into [N, H]; only attention sees the
+        padded [B, T] layout. A ragged batch then costs what its real rows cost, not B x the longest.
     """
 
     ids: torch.Tensor
@@ -102,6 +104,7 @@ class ForwardBatch:
     valid: torch.Tensor | None = None
     rope_full_precision: bool | None = None  # None: the family's rule; False: rotate in the working dtype
     slots: torch.Tensor | None = None  # [B, T] cache slots to write (a shared pool's); None: the positions
+    packed: bool = False  # with `valid`: compute the dense layers on the valid rows only (see hidden_states)
 
     def write_slots(self) -> torch.Tensor:
         if self.slots is not None:
@@ -148,23 +151,37 @@ class DiffusionLM(nn.Module):
 
     def hidden_states(self, fb: ForwardBatch) -> torch.Tensor:
         """The final normed hidden states [B, T, H]; lm_head of a row gives its logits."""
-        x = self.embed(fb.ids)  # [B, T, H]
-        cos, sin = self.rope.tables(fb.positions, x.dtype, fb.rope_full_precision)
+        B, T = fb.ids.shape
+        rows = fb.valid.reshape(-1).nonzero()[:, 0] if fb.packed else None  # [N] real rows of the flat [B*T]
+        # [B, T, H], or packed [N, H]: the dense layers are row-wise, so they never need the padding
+        x = self.embed(fb.ids if rows is None else fb.ids.reshape(-1)[rows])
+        if rows is None:
+            cos, sin = self.rope.tables(fb.positions, x.dtype, fb.rope_full_precision)  # [B, 1, T, hd]
+        else:  # RoPE is per row too: rotate the packed rows, [1, 1, N, hd] -> [N, 1, hd]
+            cos, sin = self.rope.tables(fb.positions.reshape(-1)[rows][None], x.dtype, fb.rope_full_precision)
+            cos, sin = cos[0, 0, :, None], sin[0, 0, :, None]
         slots = fb.write_slots()
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer, layer.attn_norm(x), cos, sin, slots, fb)
+            x = x + self._attention(i, layer, layer.attn_norm(x), cos, sin, slots, fb, rows)
             h = layer.ffn_norm(x)
             x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
-        return self.norm(x)
+        x = self.norm(x)
+        return x if rows is None else _unpack(x, rows, B, T)
 
-    def _attention(self, i: int, layer: Layer, h, cos, sin, slots, fb: ForwardBatch) -> torch.Tensor:
+    def _attention(self, i: int, layer: Layer, h, cos, sin, slots, fb: ForwardBatch, rows=None) -> torch.Tensor:
         s = self.spec
-        B, T, _ = h.shape
-        # [B, T, heads*hd] -> [B, heads, T, hd]
-        q = layer.q_proj(h).view(B, T, s.num_heads, s.head_dim).transpose(1, 2)
-        k = layer.k_proj(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = layer.v_proj(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+        B, T = fb.ids.shape
+
+        def proj(lin, heads, rotate: bool):  # -> [B, heads, T, hd]
+            if rows is None:
+                y = lin(h).view(B, T, heads, s.head_dim).transpose(1, 2)
+                return self.rope.apply(y, cos, sin) if rotate else y
+            y = lin(h).view(-1, heads, s.head_dim)  # packed [N, heads, hd]
+            y = self.rope.apply(y, cos, sin) if rotate else y
+            return _unpack(y.reshape(y.shape[0], -1), rows, B, T).view(B, T, heads, s.head_dim).transpose(1, 2)
+
+        q, k = proj(layer.q_proj, s.num_heads, True), proj(layer.k_proj, s.num_kv_heads, True)
+        v = proj(layer.v_proj, s.num_kv_heads, False)
         if fb.cache is not None:
             fb.cache.write(i, slots, k, v)
             k, v = fb.cache.read(i, fb.keys, fb.key_len)
@@ -174,8 +191,15 @@ class DiffusionLM(nn.Module):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=fb.attn_mask, is_causal=False)
-        # [B, heads, T, hd] -> [B, T, H]
-        return layer.o_proj(att.transpose(1, 2).contiguous().view(B, T, s.hidden_size))
+        # [B, heads, T, hd] -> [B, T, H] (or the packed [N, H] rows)
+        att = att.transpose(1, 2).contiguous().view(B, T, s.hidden_size)
+        return layer.o_proj(att if rows is None else att.view(B * T, -1)[rows])
+
+
+def _unpack(x: torch.Tensor, rows: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """Packed [N, D] rows -> [B, T, D] with zeros on the padding rows."""
+    out = x.new_zeros(B * T, x.shape[-1])
+    return out.index_copy_(0, rows, x).view(B, T, -1)
 
 
 def span_forward(model: DiffusionLM, ids: torch.Tensor, start: int, cache: KVCache | None = None,
