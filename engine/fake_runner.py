@@ -2,8 +2,8 @@
 
 `FakeRunner.step` has `ModelRunner.step`'s contract but returns logits that make each candidate row choose the
 scripted token of its position (`script(prompt_ids) -> output ids`, then EOS), with an optional delay per step and
-injected faults: a request whose prompt contains `fault_token` makes the batched forward raise, and raises again
-when run alone, so only it fails. Decoders are real `WindowDecoder`s built on `FakeModel` (a spec, no weights).
+injected faults: a request whose prompt contains `fault_token` makes the batched forward raise (from its step
+`fault_after` on, so a stream can fail midway), and raises again when run alone, so only it fails. Decoders are real `WindowDecoder`s built on `FakeModel` (a spec, no weights).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class FakeRunner:
     script: Callable[[list[int]], list[int]]
     delay: float = 0.0
     fault_token: int | None = None
+    fault_after: int = 0  # a faulty request raises from its decoder's step `fault_after` on (0: at once)
     batches: list[int] = field(default_factory=list)  # requests per step, for assertions
 
     def step(self, work) -> tuple[list[torch.Tensor], StepStats]:
@@ -40,7 +41,7 @@ class FakeRunner:
         out = []
         for dec, _, plan in work:
             prompt = dec.x[: dec.prompt_len].tolist()
-            if self.fault_token is not None and self.fault_token in prompt:
+            if self.fault_token is not None and self.fault_token in prompt and dec.step >= self.fault_after:
                 raise RuntimeError("injected fault")
             want = self.script(prompt) + [self.spec.eos_id] * dec.x.shape[0]
             rows = plan.positions[plan.candidates] - dec.prompt_len  # [R] offsets into the generation

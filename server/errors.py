@@ -28,8 +28,12 @@ class APIError(Exception):
         self.headers = headers
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised while a chunked body arrives. An HTTPException, so FastAPI's body reader passes it on as itself
+    (it turns other exceptions into a 400)."""
+
+    def __init__(self):
+        super().__init__(413, "request body too large")
 
 
 class Guard:
@@ -115,7 +119,8 @@ def install(app: FastAPI, cfg: Config) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, exc: StarletteHTTPException):
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+        code = "body_too_large" if exc.status_code == 413 else None
+        return JSONResponse(error_body(str(exc.detail), kind, code=code), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def crashed(_, exc: Exception):
