@@ -199,33 +199,7 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
     app = FastAPI(title="diffuserve", version="0.1.0")
     r = Routes(cfg, llm, front, metrics, ready)
     install(app, cfg)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def readiness():
-        if not ready():
-            return JSONResponse({"status": "draining"}, status_code=503)
-        return {"status": "ready"}
-
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    def card() -> dict:
-        return {"id": r.served, "object": "model", "created": 0, "owned_by": "diffuserve",
-                "max_model_len": llm.spec.max_positions}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [card()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):
-        r.check_model(model_id)
-        return card()
+    _probes(app, r)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, http: Request):
@@ -262,3 +236,35 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
         return await r.respond(http, job, r.submit(req, [ids], opts, method, rid), req.stream)
 
     return app
+
+
+def _probes(app: FastAPI, r: Routes) -> None:
+    """Liveness, readiness, metrics and the model list."""
+    llm, metrics, ready = r.llm, r.metrics, r.ready
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def readiness():
+        if not ready():
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def card() -> dict:
+        return {"id": r.served, "object": "model", "created": 0, "owned_by": "diffuserve",
+                "max_model_len": llm.spec.max_positions}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        r.check_model(model_id)
+        return card()
