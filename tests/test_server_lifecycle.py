@@ -69,7 +69,18 @@ def test_overload_rejects_exactly_the_extra_requests(tmp_path):
         assert metric(base, "diffuserve:requests_total", outcome="finished") == ok
         assert metric(base, "diffuserve:requests_total", outcome="rejected") == K
         tokens = sum(r.json()["usage"]["completion_tokens"] for r in results if r.status_code == 200)
+        prompt = sum(r.json()["usage"]["prompt_tokens"] for r in results if r.status_code == 200)
         assert metric(base, "diffuserve:generation_tokens_total") == tokens
+        assert metric(base, "diffuserve:prompt_tokens_total") == prompt
+        assert metric(base, "diffuserve:e2e_request_latency_seconds_count") == ok
+        assert metric(base, "diffuserve:forward_passes_per_request_count") == ok
+        exported = httpx.get(base + "/metrics").text
+        for name in ("num_requests_running", "num_requests_waiting", "time_to_first_token_seconds_bucket",
+                     "time_per_output_token_seconds_bucket", "tokens_committed_per_step_bucket",
+                     "query_rows_per_step_bucket", "refreshes_total", "kv_cache_bytes_in_use",
+                     "far_field_tokens_pruned_per_step_bucket", "engine_steps_total"):
+            assert f"diffuserve:{name}" in exported, name
+        assert metric(base, "diffuserve:refreshes_total") > 0 and metric(base, "diffuserve:kv_cache_bytes_in_use") == 0
         print(f"FIGURE held={R + Q} rejected={K} sent={R + Q + K} ok={ok} lost=0 metric_vs_ledger_diff=0")
 
 
