@@ -54,6 +54,11 @@ class Engine:
                 req.abort_reason = reason
                 self.lock.notify()
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread is running (liveness: /health is 503 once it is not)."""
+        return self._thread.is_alive()
+
     def drain(self) -> None:
         with self.lock:
             self.scheduler.draining = True

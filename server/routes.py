@@ -244,6 +244,8 @@ def _probes(app: FastAPI, r: Routes) -> None:
 
     @app.get("/health")
     async def health():
+        if not r.front.engine.alive:  # the process is up but can generate nothing: let the orchestrator restart it
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/ready")

@@ -46,14 +46,14 @@ def server():
     thread.start()
     while not srv.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", pool
+    yield f"http://127.0.0.1:{port}", pool, engine
     srv.should_exit = True
     thread.join(timeout=10)
     engine.stop()
 
 
 def test_a_runner_fault_fails_only_its_request(server):
-    base, pool = server
+    base, pool, _ = server
     results = {}
 
     def plain(name, prompt):
@@ -92,7 +92,7 @@ def test_a_runner_fault_fails_only_its_request(server):
 
 
 def test_chunked_body_over_the_limit_is_refused(server):
-    base, _ = server
+    base, _, _ = server
 
     def chunks():
         yield b'{"prompt": "'
@@ -104,3 +104,11 @@ def test_chunked_body_over_the_limit_is_refused(server):
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     small = httpx.post(base + "/v1/completions", json={"prompt": "ROMEO.\n", "max_tokens": 8})
     assert small.status_code == 200
+
+
+def test_health_turns_503_once_the_engine_thread_is_gone(server):
+    base, _, engine = server  # the module's last test: it stops the engine
+    assert httpx.get(base + "/health").status_code == 200
+    engine.stop()
+    r = httpx.get(base + "/health")
+    assert r.status_code == 503 and r.json()["status"] == "engine stopped"
