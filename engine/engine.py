@@ -161,10 +161,10 @@ class Engine:
 
     def _commit(self, req: Request, plan, logits, tally: list[int]) -> None:
         dec = req.decoder
-        masks, refreshes = int((dec.x == req.mask_id).sum()), dec.refresh_calls
+        masks, refreshes = len(dec.masks()), dec.refresh_calls
         dec.commit(plan, logits)
         req.forward_calls += 1
-        tally[0] += masks - int((dec.x == req.mask_id).sum())
+        tally[0] += masks - len(dec.masks())
         tally[1] += dec.refresh_calls - refreshes
         done = req.done_decoding()
         if req.emit(req.canvas(), final=done, logprobs=req.decoder.logprobs[len(req.prompt_ids):]):

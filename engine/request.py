@@ -60,6 +60,7 @@ class Request:
     decoder: object = None
     kv: KVHandle | None = None
     emitted: int = 0  # settled generated tokens already sent
+    settled: int = 0  # length of the settled prefix at the last emit
     abort_reason: str | None = None  # set from any thread; acted on at the next step boundary
     arrival: float = field(default_factory=time.monotonic)
     first_output_at: float | None = None
@@ -97,6 +98,9 @@ class Request:
         """Send what the canvas has settled since the last call; True if the output is complete (a stop token or
         string was reached, or `final`)."""
         settled, stopped = cut_at_stop(canvas, self.stop_ids, self.mask_id)
+        if len(settled) == self.settled and not (final or stopped):
+            return False  # this step committed only beyond the settled prefix: nothing new to decode or send
+        self.settled = len(settled)
         text = self.detok.update(settled, final=final or stopped)
         complete = final or stopped or self.detok.stopped
         done = finish(canvas, self.tokenizer, self.stop_ids, self.mask_id, self.stops) if complete else None

@@ -65,10 +65,13 @@ class WindowDecoder:
         self.next_window = self.window  # the window a refresh step computes (before its own commits)
         self.fresh = torch.empty(0, dtype=torch.long)  # committed this phase: stay active until the next refresh
         self.forward_calls = self.refresh_calls = 0
+        self._masks: torch.Tensor | None = None  # masked positions, cached until the canvas changes
 
     # -- partitions --------------------------------------------------------------------------------------------
     def masks(self) -> torch.Tensor:
-        return (self.x == self.mask_id).nonzero()[:, 0]
+        if self._masks is None:
+            self._masks = (self.x == self.mask_id).nonzero()[:, 0]
+        return self._masks
 
     def _window_now(self) -> torch.Tensor:
         """Prompt + decoded + the first W masks: what a window refresh computes and pruned steps attend to."""
@@ -118,6 +121,7 @@ class WindowDecoder:
             chosen = self._select(conf)
             pos = plan.positions[plan.candidates[chosen]]
             self.x[pos] = x0[chosen]
+            self._masks = None
             self.logprobs[pos] = conf[chosen].float().clamp_min(1e-30).log()
             self.fresh = pos if was_refresh else torch.cat([self.fresh, pos])
         if was_refresh:
@@ -143,6 +147,7 @@ class WindowDecoder:
             eos = (gen_part == self.eos_id).nonzero()
             if len(eos) and not masks[: int(eos[0])].any():
                 gen_part[int(eos[0]):] = self.eos_id  # the model fills a canvas's tail with EOS; skip computing it
+                self._masks = None
                 self.phase = Phase.DONE
                 return
         window_masks = (self.x[self.window] == self.mask_id).any() if len(self.window) else False
