@@ -102,12 +102,11 @@ class Engine:
         with self.lock:
             self._end_aborted()
             admitted = self.scheduler.admit()
-            running = [r for r in self.scheduler.running if r not in admitted]
+            running = list(self.scheduler.running)  # the admitted ones last
             self._observe_queues()
         for req in admitted:
             req.phase = RequestPhase.RUNNING
             self._guard(req, lambda r=req: r.start(self.model, r.kv))
-        running += admitted
         stepwise = [r for r in running if r.phase is RequestPhase.RUNNING and r.stepwise]
         for req in running:
             if req.phase is RequestPhase.RUNNING and not req.stepwise:

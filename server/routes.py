@@ -74,12 +74,10 @@ class Routes:
                 raise APIError(400, str(exc)) from None
         return opts
 
-    def common(self, req, n_prompts: int) -> None:
+    def common(self, req) -> None:
         s = self.cfg.server
         if req.n > s.max_n:
             raise APIError(400, f"n must be at most {s.max_n}", "n")
-        if n_prompts * req.n > s.max_n * 2 and n_prompts > 1:
-            raise APIError(400, f"prompts x n must be at most {s.max_n * 2}", "n")
         if len(req.stops()) > s.max_stop:
             raise APIError(400, f"at most {s.max_stop} stop sequences are allowed", "stop")
         if any(not isinstance(x, str) or not x for x in req.stops()):
@@ -204,9 +202,8 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, http: Request):
         r.check_model(req.model)
-        r.common(req, 1)
+        r.common(req)
         prompts = r.prompts(req.prompt)
-        r.common(req, len(prompts))
         method = r.method(req)
         opts = r.options(req, req.max_tokens or 16, max(map(len, prompts)), method)
         rid = new_id("cmpl")
@@ -221,7 +218,7 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, http: Request):
         r.check_model(req.model)
-        r.common(req, 1)
+        r.common(req)
         tok = llm.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template", "messages")
