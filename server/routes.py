@@ -53,6 +53,12 @@ class Routes:
                            "method")
         return m
 
+    @staticmethod
+    def check_logprobs(wanted: bool, method) -> None:
+        # Only engine-stepped methods record the committed tokens' log-probabilities.
+        if wanted and method.stepper is None:
+            raise APIError(400, f"logprobs are not available with method {method.name!r}; use 'window'", "logprobs")
+
     def options(self, req, max_tokens: int | None, longest_prompt: int, method) -> DecodeOptions:
         base = self.cfg.decoding.options
         gen = max_tokens or base.gen_length
@@ -205,6 +211,7 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
         r.common(req)
         prompts = r.prompts(req.prompt)
         method = r.method(req)
+        r.check_logprobs(req.logprobs is not None, method)
         opts = r.options(req, req.max_tokens or 16, max(map(len, prompts)), method)
         rid = new_id("cmpl")
         choices = []
@@ -226,6 +233,7 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
                                         for m in req.messages], add_generation_prompt=True, tokenize=False)
         ids = tok(text, add_special_tokens=False)["input_ids"]
         method = r.method(req)
+        r.check_logprobs(req.logprobs, method)
         opts = r.options(req, req.max_completion_tokens or req.max_tokens, len(ids), method)
         rid = new_id("chatcmpl")
         job = Job(rid, r.served, True, [Choice(k) for k in range(req.n)], len(ids), r.token_text, req.logprobs,
