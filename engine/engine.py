@@ -165,16 +165,14 @@ class Engine:
         req.forward_calls += 1
         tally[0] += masks - len(dec.masks())
         tally[1] += dec.refresh_calls - refreshes
-        done = req.done_decoding()
-        if req.emit(req.canvas(), final=done, logprobs=req.decoder.logprobs[len(req.prompt_ids):]):
-            req.phase = RequestPhase.FINISHED
+        # emit marks the request FINISHED once its output is complete
+        req.emit(req.canvas(), final=req.done_decoding(), logprobs=req.decoder.logprobs[len(req.prompt_ids):])
 
     def _run_whole(self, req: Request) -> None:
         prompt = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.model.device)
         result = req.method.generate(self.model, prompt, req.opts, req.gen)
         req.forward_calls = result.forward_calls
-        req.emit(result.ids[0].tolist(), final=True)
-        req.phase = RequestPhase.FINISHED
+        req.emit(result.ids[0].tolist(), final=True)  # final: the request is FINISHED
 
     def _guard(self, req: Request, fn) -> None:
         if req.phase is not RequestPhase.RUNNING:
