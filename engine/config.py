@@ -36,8 +36,14 @@ class DecodingConfig:
 class ServerConfig:
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = None  # one key, or several separated by commas; /v1/ routes then need one of them
     max_body_bytes: int = 1 << 20
+    max_header_bytes: int = 32 << 10  # a request head (line + headers) larger than this is refused (400)
+    head_timeout_s: float = 10.0  # a connection must send a complete request head within this (slow-loris)
+    body_timeout_s: float = 30.0  # and then its whole body within this (408)
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    docs: bool = True  # serve /docs and /openapi.json
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (none by default)
     max_n: int = 16  # choices per prompt
     max_prompts: int = 32  # prompts in one /v1/completions body
     max_stop: int = 4  # stop strings (OpenAI's limit)
@@ -73,8 +79,13 @@ class Config:
             errors.append("model.device must be cpu or cuda[:N]")
         if self.decoding.method is not None and self.decoding.method not in METHODS:
             errors.append(f"decoding.method {self.decoding.method!r} unknown; known: {sorted(METHODS)}")
-        if not 0 < self.server.port < 65536:
+        s = self.server
+        if not 0 < s.port < 65536:
             errors.append("server.port must be in 1..65535")
+        if min(s.max_body_bytes, s.max_header_bytes, s.max_n, s.max_prompts) < 1 or s.max_stop < 0:
+            errors.append("server limits must be positive")
+        if min(s.head_timeout_s, s.body_timeout_s, s.keep_alive_s) <= 0:
+            errors.append("server timeouts must be positive")
         e = self.engine
         if min(e.max_running, e.max_rows_per_step, e.kv_cache_mb) < 1 or e.max_waiting < 0:
             errors.append("engine limits must be positive (max_waiting may be 0)")
@@ -105,11 +116,17 @@ def build_config(yaml_path: str | None = None, **overrides) -> Config:
                 raise ValueError(f"unknown section {section!r} in {yaml_path}")
             raw[section].update(values or {})
     env = {"model__path": "DIFFUSERVE_MODEL", "server__api_key": "DIFFUSERVE_API_KEY",
-           "server__host": "DIFFUSERVE_HOST", "server__port": "DIFFUSERVE_PORT"}
+           "server__host": "DIFFUSERVE_HOST", "server__port": "DIFFUSERVE_PORT",
+           "server__docs": "DIFFUSERVE_DOCS"}
     for key, var in env.items():
         if os.environ.get(var):
             section, name = key.split("__")
-            raw[section][name] = int(os.environ[var]) if name == "port" else os.environ[var]
+            value: object = os.environ[var]
+            if name == "port":
+                value = int(value)
+            elif name == "docs":
+                value = value.lower() in ("1", "true", "yes", "on")
+            raw[section][name] = value
     for key, value in overrides.items():
         if value is not None:
             section, name = key.split("__")

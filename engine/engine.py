@@ -6,7 +6,10 @@ decoder for its plan, pack the plans into one forward (`ModelRunner.step`), hand
 leave between steps, so one request's refresh step and others' pruned steps share a forward.
 
 A failure inside the batched forward is retried request by request, so only the request that fails alone fails.
-Methods without a stepper (the reference loops) run whole, alone, inside one engine step.
+A fatal error (`FatalEngineError`, or a CUDA error: the device is unusable for everyone) instead ends every request
+with a 500 and stops the loop; `alive` then turns False, /health 503, and the server's watchdog exits the process
+so that its supervisor restarts it. Methods without a stepper (the reference loops) run whole, alone, inside one
+engine step.
 
 `AsyncEngine` is the front the server awaits: `generate()` submits a request and yields its outputs as they come.
 """
@@ -24,9 +27,18 @@ import torch
 
 from .request import Request, RequestOutput, RequestPhase
 from .runner import ModelRunner, StepStats
-from .scheduler import Scheduler
+from .scheduler import Draining, Scheduler
 
 log = logging.getLogger("diffuserve.engine")
+
+
+class FatalEngineError(RuntimeError):
+    """The model or device can no longer compute anything: the engine stops rather than fail request by request."""
+
+
+def is_fatal(exc: BaseException) -> bool:
+    # A CUDA error (illegal address, device-side assert, ...) poisons the context for every later kernel.
+    return isinstance(exc, FatalEngineError) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))
 
 
 class Engine:
@@ -35,6 +47,7 @@ class Engine:
         self.threads = threads
         self.lock = threading.Condition()
         self.steps = 0
+        self.fatal: BaseException | None = None  # set when a fatal error stopped the loop
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="diffuserve-engine", daemon=True)
 
@@ -44,9 +57,21 @@ class Engine:
 
     def submit(self, req: Request) -> None:
         with self.lock:
+            if self.fatal is not None or self._stop:
+                raise Draining("the engine has stopped")
             self.scheduler.add(req)  # QueueFull / Draining / ValueError propagate to the caller
             self._observe_queues()
             self.lock.notify()
+
+    def abort_all(self, reason: str = "abort") -> int:
+        """Abort every waiting and running request (the drain timeout ran out); -> how many."""
+        with self.lock:
+            reqs = [r for r in itertools.chain(self.scheduler.waiting, self.scheduler.running)
+                    if r.abort_reason is None and r.phase in (RequestPhase.WAITING, RequestPhase.RUNNING)]
+            for req in reqs:
+                req.abort_reason = reason
+            self.lock.notify()
+        return len(reqs)
 
     def abort(self, req: Request, reason: str = "abort") -> None:
         with self.lock:
@@ -57,7 +82,7 @@ class Engine:
     @property
     def alive(self) -> bool:
         """The engine thread is running (liveness: /health is 503 once it is not)."""
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self.fatal is None
 
     def drain(self) -> None:
         with self.lock:
@@ -94,8 +119,20 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception:  # the loop must survive anything a step does
+            except Exception as exc:  # the loop survives anything a step does, unless the device is gone
+                if is_fatal(exc):
+                    self._die(exc)
+                    return
                 log.exception("engine step failed")
+
+    def _die(self, exc: BaseException) -> None:
+        log.critical("fatal engine error, stopping: %s", exc, exc_info=exc)
+        with self.lock:
+            self.fatal = exc
+            for req in itertools.chain(list(self.scheduler.waiting), list(self.scheduler.running)):
+                req.end(RequestPhase.FAILED, "error", f"the engine stopped: {type(exc).__name__}: {exc}")
+                self._retire(req)
+            self.lock.notify_all()
 
     def step(self) -> None:
         """One engine step (public so tests can drive the engine synchronously)."""
@@ -151,6 +188,8 @@ class Engine:
             try:
                 (logits,), stats = self.runner.step([(req.decoder, req.kv, plan)])
             except Exception as exc:
+                if is_fatal(exc):
+                    raise
                 self._fail(req, exc)
                 continue
             outcome.append(((req, plan), logits))
@@ -180,6 +219,8 @@ class Engine:
         try:
             fn()
         except Exception as exc:
+            if is_fatal(exc):
+                raise
             self._fail(req, exc)
 
     def _fail(self, req: Request, exc: Exception) -> None:

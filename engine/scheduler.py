@@ -2,8 +2,8 @@
 
 Admission is first come, first served: the head of the waiting queue is admitted while the running set is under
 `max_running` and the KV pool has pages for its whole canvas; a head that does not fit yet blocks the queue (no
-overtaking, so a long request is never starved by short ones). Beyond `max_waiting` queued requests `add` refuses
-with `QueueFull` (the server answers 429); while draining it refuses with `Draining` (503).
+overtaking, so a long request is never starved by short ones). Beyond `max_running + max_waiting` requests held in
+all, `add` refuses with `QueueFull` (the server answers 429); while draining it refuses with `Draining` (503).
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ class Scheduler:
             raise Draining("the server is shutting down")
         if not self.pool.fits_at_all(req.capacity):
             raise ValueError(f"prompt + max_tokens ({req.capacity} positions) exceeds the KV cache budget")
-        if len(self.waiting) >= self.limits.max_waiting:
+        # Running slots still free are not queueing: the next step admits into them. So a burst into an idle
+        # server is refused only beyond max_running + max_waiting requests held in all.
+        free_slots = max(0, self.limits.max_running - len(self.running))
+        if len(self.waiting) >= self.limits.max_waiting + free_slots:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting")
         self.waiting.append(req)
 

@@ -1,7 +1,8 @@
-"""`diffuserve serve`: build the config tree once, load the model, start the engine thread, run uvicorn.
+"""`diffuserve serve`: build the config tree once, listen, load and warm the model, start the engine thread.
 
 Shutdown drains: on SIGTERM (or SIGINT) /ready turns 503 and new requests get 503 while the requests in flight
-finish (up to `engine.drain_timeout_s`); then uvicorn stops and the process exits 0. A second signal stops at once.
+finish (up to `engine.drain_timeout_s`; those still running then end with finish_reason "abort"); then uvicorn
+stops and the process exits 0. A second signal stops at once. Phases and probes: server/lifecycle.py.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+import time
 
 import uvicorn
+
+from .lifecycle import Lifecycle, Phase, Swap, starting_app
 
 log = logging.getLogger("diffuserve.server")
 
@@ -29,50 +33,114 @@ def build_engine(cfg, llm, metrics):
     return engine, AsyncEngine(engine)
 
 
+def uvicorn_config(app, cfg, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's settings from the config tree: bind address, head size and time limits, keep-alive."""
+    from .connection import deadline_protocol
+
+    s = cfg.server
+    return uvicorn.Config(app, host=s.host, port=s.port, log_level=log_level, timeout_graceful_shutdown=10,
+                          http=deadline_protocol(s.head_timeout_s), h11_max_incomplete_event_size=s.max_header_bytes,
+                          timeout_keep_alive=s.keep_alive_s)
+
+
 def serve(args: argparse.Namespace) -> int:
+    """Listen at once (probes see LOADING), load and warm the model in a thread, then serve; -> exit status."""
     from engine.config import build_config
+
+    cfg = build_config(args.config, model__path=args.model, model__dtype=args.dtype, model__device=args.device,
+                       model__served_model_name=args.served_model_name, server__host=args.host,
+                       server__port=args.port, server__api_key=args.api_key)
+    life = Lifecycle()
+    swap = Swap(starting_app(life))
+    server = DrainingServer(uvicorn_config(swap, cfg), life, cfg.engine.drain_timeout_s)
+    threading.Thread(target=_load, args=(cfg, life, swap), name="diffuserve-loader", daemon=True).start()
+    life.watch(server.die)
+    log.info("listening on http://%s:%d; loading %s", cfg.server.host, cfg.server.port, cfg.model.path)
+    server.run()
+    if life.engine is not None:
+        life.engine.stop()
+    return 1 if life.phase is Phase.DEAD else 0
+
+
+def _load(cfg, life: Lifecycle, swap: Swap) -> None:
     from engine.llm import LLM
     from engine.metrics import Metrics
 
     from .routes import create_app
 
-    cfg = build_config(args.config, model__path=args.model, model__dtype=args.dtype, model__device=args.device,
-                       model__served_model_name=args.served_model_name, server__host=args.host,
-                       server__port=args.port, server__api_key=args.api_key)
-    llm = LLM(cfg.model.path, cfg.model.dtype, cfg.model.device)
-    served = cfg.model.served_model_name or cfg.model.path.rstrip("/").split("/")[-1]
-    metrics = Metrics(served)
-    engine, front = build_engine(cfg, llm, metrics)
-    server: DrainingServer | None = None
-    app = create_app(cfg, llm, front, metrics, ready=lambda: server is not None and not server.draining)
-    config = uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port, log_level="info",
-                            timeout_graceful_shutdown=10)
-    server = DrainingServer(config, engine, cfg.engine.drain_timeout_s)
-    log.info("serving %s as %r on http://%s:%d", cfg.model.path, served, cfg.server.host, cfg.server.port)
-    server.run()
-    engine.stop()
-    return 0
+    try:
+        t0 = time.monotonic()
+        llm = LLM(cfg.model.path, cfg.model.dtype, cfg.model.device)
+        served = cfg.model.served_model_name or cfg.model.path.rstrip("/").split("/")[-1]
+        metrics = Metrics(served)
+        engine, front = build_engine(cfg, llm, None)  # no metrics yet: the warm-up is nobody's request
+        life.engine = engine
+        log.info("loaded %s in %.1fs; warming up", cfg.model.path, time.monotonic() - t0)
+        life.to(Phase.WARMING)
+        warm_up(engine, llm, cfg)
+        engine.metrics = metrics
+        swap.app = create_app(cfg, llm, front, metrics, ready=life.ready)
+        if life.phase is Phase.WARMING:  # a signal may have come meanwhile
+            life.to(Phase.READY)
+        log.info("serving %s as %r (ready after %.1fs)", cfg.model.path, served, time.monotonic() - t0)
+    except Exception as exc:  # noqa: BLE001 - any load failure leaves a dead server for the watchdog to end
+        log.exception("loading failed")
+        life.to(Phase.DEAD, f"loading failed: {type(exc).__name__}: {exc}")
+
+
+def warm_up(engine, llm, cfg, tokens: int = 4) -> None:
+    """One short generation through the engine thread, so the first client does not pay for lazy set-up."""
+    from engine.config import SERVING_METHOD
+    from engine.decoding import METHODS
+    from engine.request import Request
+
+    method = METHODS[cfg.decoding.method or SERVING_METHOD[llm.spec.family]]
+    opts = cfg.decoding.options.with_(gen_length=tokens, steps=tokens, block_length=tokens)
+    done = threading.Event()
+    outs = []
+
+    def sink(out):
+        outs.append(out)
+        if out.finished:
+            done.set()
+
+    prompt = [llm.spec.bos_id if llm.spec.bos_id is not None else llm.spec.eos_id]
+    engine.submit(Request("warm-up", prompt, method, opts, 0, sink, llm.tokenizer, llm.spec.stop_ids,
+                          llm.spec.mask_id))
+    if not done.wait(300) or outs[-1].error is not None:
+        raise RuntimeError(f"warm-up generation failed: {outs[-1].error if outs else 'no output'}")
+    engine.wait_idle(60)  # retired too, before the caller attaches the metrics
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first exit signal drains the engine before uvicorn's own graceful shutdown."""
 
-    def __init__(self, config, engine, drain_timeout: float):
+    def __init__(self, config, life: Lifecycle, drain_timeout: float):
         super().__init__(config)
-        self.engine, self.drain_timeout = engine, drain_timeout
+        self.life, self.drain_timeout = life, drain_timeout
         self.draining = False
+
+    def die(self) -> None:
+        """The watchdog's exit: the server is dead, stop serving now."""
+        self.should_exit = True
 
     def handle_exit(self, sig, frame) -> None:
         if self.draining:  # second signal: stop now
             return super().handle_exit(sig, frame)
         self.draining = True
-        self.engine.drain()
+        self.life.to(Phase.DRAINING)
+        if self.life.engine is not None:
+            self.life.engine.drain()
         log.info("draining: waiting up to %.0fs for in-flight requests", self.drain_timeout)
         threading.Thread(target=self._drain_then_exit, args=(sig, frame), daemon=True).start()
 
     def _drain_then_exit(self, sig, frame) -> None:
-        if not self.engine.wait_idle(self.drain_timeout):
-            log.warning("drain timeout: stopping with requests still in flight")
+        engine = self.life.engine
+        if engine is not None and not engine.wait_idle(self.drain_timeout):
+            n = engine.abort_all("abort")
+            log.warning("drain timeout: aborted %d requests still in flight", n)
+            engine.wait_idle(5.0)  # their last outputs (finish_reason "abort") reach the clients
+            time.sleep(0.2)
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals after its shutdown (the process would die of SIGTERM); a completed
         # drain is a clean exit, status 0.

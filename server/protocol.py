@@ -27,6 +27,15 @@ UNHONOURED = {
     "audio": lambda v: v is None,
     "modalities": lambda v: v in (None, ["text"]),
     "prediction": lambda v: v is None,
+    # Code-like or tensor input from the client is never run or deserialised (RELIABILITY.md B.3): the chat
+    # template is the model's own, and there is no constrained decoding or embedding input.
+    "chat_template": lambda v: v is None,
+    "chat_template_kwargs": lambda v: not v,
+    "guided_json": lambda v: v is None,
+    "guided_regex": lambda v: v is None,
+    "guided_grammar": lambda v: v is None,
+    "guided_choice": lambda v: v is None,
+    "prompt_embeds": lambda v: v is None,
 }
 
 
@@ -72,7 +81,7 @@ class SamplingFields(DiffusionFields):
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)  # lt: the document writes the bound as a float, 2**63
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -13,7 +13,7 @@ import secrets
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from engine.config import SERVING_METHOD, Config
 from engine.decoding import METHODS, DecodeOptions
@@ -22,6 +22,7 @@ from engine.llm import LLM
 from engine.request import Request as EngineRequest
 from engine.scheduler import Draining, QueueFull
 
+from . import openapi
 from .errors import APIError, install
 from .protocol import ChatRequest, CompletionRequest, new_id
 from .sse import Choice, Job, error_of, events
@@ -113,12 +114,28 @@ class Routes:
     def encode(self, text: str) -> list[int]:
         try:
             return self.llm.encode(text)
-        except ValueError as exc:
-            raise APIError(400, str(exc), "prompt") from None
+        except (ValueError, TypeError) as exc:  # TypeError: text the tokenizer cannot take (a lone surrogate)
+            raise APIError(400, f"the prompt cannot be tokenized: {exc}", "prompt") from None
+
+    def chat_ids(self, messages) -> list[int]:
+        tok = self.llm.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise APIError(400, "this model has no chat template", "messages")
+        try:
+            text = tok.apply_chat_template([{"role": "system" if m.role == "developer" else m.role,
+                                             "content": m.text()} for m in messages],
+                                           add_generation_prompt=True, tokenize=False)
+            return tok(text, add_special_tokens=False)["input_ids"]
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, f"the messages cannot be tokenized: {exc}", "messages") from None
 
     # -- running a job ---------------------------------------------------------------------------------------------
     def submit(self, req, prompts: list[list[int]], opts: DecodeOptions, method, rid: str):
         llm, timeout = self.llm, self.cfg.engine.request_timeout_s
+        e = self.cfg.engine
+        if len(prompts) * req.n > e.max_running + e.max_waiting:  # could never be held at once: retrying is futile
+            raise APIError(400, f"prompts x n = {len(prompts) * req.n} choices; this server holds at most "
+                                f"{e.max_running + e.max_waiting} requests at once", "n")
         base_seed = req.seed if req.seed is not None else secrets.randbits(62)
         makers = []
         for p, ids in enumerate(prompts):
@@ -181,11 +198,11 @@ class Routes:
 
 
 async def _next_or_disconnect(http: Request, it):
-    """The group's next output, or None once the iteration ends or the client disconnects (checked every 0.5 s)."""
+    """The group's next output, or None once the iteration ends or the client disconnects (checked every 0.1 s)."""
     nxt = asyncio.ensure_future(it.__anext__())
     try:
         while True:
-            done, _ = await asyncio.wait({nxt}, timeout=0.5)
+            done, _ = await asyncio.wait({nxt}, timeout=0.1)
             if done:
                 try:
                     return nxt.result()
@@ -199,13 +216,14 @@ async def _next_or_disconnect(http: Request, it):
 
 
 def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> FastAPI:
-    """ready(): True while the model is loaded and the server is not draining."""
-    app = FastAPI(title="diffuserve", version="0.1.0")
+    """ready(): "ready" (or True) while the model is loaded and warm and the server is not draining."""
+    docs = {} if cfg.server.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="diffuserve", version="0.1.0", **docs)
     r = Routes(cfg, llm, front, metrics, ready)
     install(app, cfg)
     _probes(app, r)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=openapi.COMPLETIONS)
     async def completions(req: CompletionRequest, http: Request):
         r.check_model(req.model)
         r.common(req)
@@ -222,16 +240,11 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
                   bool(req.stream and req.stream_options and req.stream_options.include_usage))
         return await r.respond(http, job, r.submit(req, prompts, opts, method, rid), req.stream)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=openapi.CHAT)
     async def chat(req: ChatRequest, http: Request):
         r.check_model(req.model)
         r.common(req)
-        tok = llm.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise APIError(400, "this model has no chat template", "messages")
-        text = tok.apply_chat_template([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                                        for m in req.messages], add_generation_prompt=True, tokenize=False)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = r.chat_ids(req.messages)
         method = r.method(req)
         r.check_logprobs(req.logprobs, method)
         opts = r.options(req, req.max_completion_tokens or req.max_tokens, len(ids), method)
@@ -247,19 +260,20 @@ def _probes(app: FastAPI, r: Routes) -> None:
     """Liveness, readiness, metrics and the model list."""
     llm, metrics, ready = r.llm, r.metrics, r.ready
 
-    @app.get("/health")
+    @app.get("/health", responses=openapi.HEALTH)
     async def health():
         if not r.front.engine.alive:  # the process is up but can generate nothing: let the orchestrator restart it
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=openapi.READY)
     async def readiness():
-        if not ready():
-            return JSONResponse({"status": "draining"}, status_code=503)
+        state = ready()  # "ready" (or True), else what the server is doing instead ("draining", "dead", ...)
+        if state is not True and state != "ready":
+            return JSONResponse({"status": state or "not ready"}, status_code=503)
         return {"status": "ready"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=openapi.METRICS)
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -267,11 +281,11 @@ def _probes(app: FastAPI, r: Routes) -> None:
         return {"id": r.served, "object": "model", "created": 0, "owned_by": "diffuserve",
                 "max_model_len": llm.spec.max_positions}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=openapi.MODELS)
     async def models():
         return {"object": "list", "data": [card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=openapi.MODEL)
     async def model(model_id: str):
         r.check_model(model_id)
         return card()

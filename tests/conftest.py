@@ -78,8 +78,8 @@ def tmp_model_dir(tmp_path):
 
 @contextlib.contextmanager
 def running_server(*serve_args: str, env: dict | None = None):
-    """`diffuserve serve ARGS` as a real process on a free loopback port; yields its base URL once /health
-    answers, and stops it afterwards."""
+    """`diffuserve serve ARGS` as a real process on a free loopback port; yields its base URL once /ready
+    answers 200 (loaded and warm), and stops it afterwards."""
     with server_process(*serve_args, env=env) as (_, base):
         yield base
 
@@ -97,9 +97,11 @@ def server_process(*serve_args: str, env: dict | None = None):
     try:
         for _ in range(120):
             try:
-                urllib.request.urlopen(base + "/health", timeout=1)
+                urllib.request.urlopen(base + "/ready", timeout=1)  # raises until 200 (503 while loading)
                 break
             except OSError:
+                if proc.poll() is not None:
+                    break
                 time.sleep(0.5)
         else:
             log.seek(0)

@@ -1,0 +1,50 @@
+"""The HTTP connection: uvicorn's h11 protocol with a deadline on each request head (slow-loris).
+
+uvicorn bounds a head's size (`h11_max_incomplete_event_size`) and idle keep-alive time, but not how long a client
+may take to send a head: one byte a second would hold a connection, and its buffers, forever. Each connection here
+must complete a request head within `head_timeout` seconds of connecting (or of its previous response); if not, the
+connection is closed. The body's own deadline is the Guard middleware's (server/errors.py).
+"""
+
+from __future__ import annotations
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+def deadline_protocol(head_timeout: float) -> type:
+    class DeadlineH11(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:  # a head arrived: its request runs
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request's head on this keep-alive connection has a deadline too
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(head_timeout, self._head_late)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return DeadlineH11

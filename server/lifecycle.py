@@ -1,0 +1,105 @@
+"""The server process's lifecycle: LOADING -> WARMING -> READY -> DRAINING, or DEAD.
+
+uvicorn listens from the first second, so probes can tell a loading server from a dead one: until the model is
+loaded and warmed, `Swap` serves `starting_app` (/health 200 "loading", /ready 503, every other route 503 with
+Retry-After); then it hands every request to the real app. /ready is 200 only in READY. DEAD (the model failed to
+load, or the engine's loop stopped on a fatal error) turns /health 503, and the watchdog ends the process with a
+non-zero status a moment later, so that the supervisor (Docker, Kubernetes) restarts it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import threading
+import time
+
+log = logging.getLogger("diffuserve.server")
+
+
+class Phase(enum.Enum):
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"
+    DRAINING = "draining"
+    DEAD = "dead"
+
+
+class Lifecycle:
+    def __init__(self):
+        self.phase = Phase.LOADING
+        self.engine = None  # set once built; the watchdog watches it
+        self.error: str | None = None
+        self.since = time.monotonic()
+
+    def to(self, phase: Phase, error: str | None = None) -> None:
+        if self.phase is Phase.DEAD:  # nothing comes back from the dead
+            return
+        log.info("server phase: %s -> %s", self.phase.value, phase.value)
+        self.phase, self.error = phase, error or self.error
+
+    def ready(self) -> str:
+        """The /ready status: "ready", or what the server is doing instead."""
+        return self.phase.value
+
+    def watch(self, stop, grace_s: float = 2.0, every_s: float = 0.25) -> threading.Thread:
+        """Start the watchdog: once the engine is dead (or loading failed), wait `grace_s` (probes see /health 503)
+        and call stop()."""
+
+        def run():
+            while True:
+                eng = self.engine
+                if eng is not None and not eng.alive and self.phase is not Phase.DEAD:
+                    self.to(Phase.DEAD, f"engine stopped: {getattr(eng, 'fatal', None)}")
+                if self.phase is Phase.DEAD:
+                    log.critical("server is dead (%s); exiting in %.1fs", self.error, grace_s)
+                    time.sleep(grace_s)
+                    stop()
+                    return
+                time.sleep(every_s)
+
+        t = threading.Thread(target=run, name="diffuserve-watchdog", daemon=True)
+        t.start()
+        return t
+
+
+class Swap:
+    """An ASGI app that forwards to `app`, which the loader replaces once the real app exists."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        await self.app(scope, receive, send)
+
+
+def starting_app(life: Lifecycle):
+    """What answers while the model loads (or after loading failed)."""
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                await send({"type": msg["type"] + ".complete"})
+                if msg["type"] == "lifespan.shutdown":
+                    return
+        if scope["type"] != "http":
+            return
+        dead = life.phase is Phase.DEAD
+        path = scope["path"]
+        if path == "/health":
+            status, body = (503, {"status": "dead", "error": life.error}) if dead else (200, {"status": "loading"})
+        elif path == "/ready":
+            status, body = 503, {"status": life.ready()}
+        else:
+            status = 503
+            body = {"error": {"message": f"the server is {life.ready()}; retry later", "type": "server_error",
+                              "param": None, "code": "not_ready"}}
+        data = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                                (b"retry-after", b"5")]})
+        await send({"type": "http.response.body", "body": data})
+
+    return app

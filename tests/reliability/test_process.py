@@ -1,0 +1,235 @@
+"""The server as a process: B.4 #11 SIGTERM drain (drain timeout 60 and 0), #12 health and readiness through
+loading, warming, ready, draining and dead, #13's fatal half (a dead engine ends the process, non-zero), #20 secure
+defaults. Real `diffuserve serve` processes on the bundled tiny-text model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import free_port
+from .ledger import figure
+
+REPO = Path(__file__).resolve().parents[2]
+LONG = {"model": "tiny-text", "prompt": "ROMEO.\n", "max_tokens": 192, "steps": 192, "stream": True}
+
+
+def config(tmp_path, **engine) -> str:
+    lines = ["model:", "  path: tiny-text", "engine:"] + [f"  {k}: {v}" for k, v in engine.items()]
+    path = tmp_path / "serve.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def spawn(*args: str, env: dict | None = None):
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", *args], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    return proc, log
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def probe(base: str) -> tuple[int, int]:
+    def get(path):
+        try:
+            return httpx.get(base + path, timeout=2).status_code
+        except httpx.HTTPError:
+            return 0
+    return get("/health"), get("/ready")
+
+
+def wait_ready(proc, base: str, seen: list | None = None, timeout: float = 120) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        state = probe(base)
+        if seen is not None and (not seen or seen[-1] != state):
+            seen.append(state)
+        if state[1] == 200:
+            return time.monotonic() - t0
+        assert proc.poll() is None, "server exited while starting"
+        time.sleep(0.05)
+    raise AssertionError("server never became ready")
+
+
+def stream(base: str, results: list) -> None:
+    finish, done, error = None, False, None
+    try:
+        with httpx.stream("POST", base + "/v1/completions", json=LONG, timeout=120) as r:
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    body = json.loads(line[6:])
+                    if "error" in body:
+                        error = body["error"]["type"]
+                    elif body["choices"] and body["choices"][0]["finish_reason"]:
+                        finish = body["choices"][0]["finish_reason"]
+    except httpx.HTTPError as exc:
+        error = type(exc).__name__
+    results.append((finish, error, done))
+
+
+def running(base: str) -> float:
+    text = httpx.get(base + "/metrics").text
+    return float(re.search(r"^diffuserve:num_requests_running\S* (\S+)$", text, re.M).group(1))
+
+
+@pytest.mark.parametrize("drain_timeout", [60, 0])
+def test_sigterm_drain(tmp_path, drain_timeout):
+    """10 streams in flight, SIGTERM, new requests keep coming: /ready 503 at once, new requests 503, the streams
+    finish (timeout 60) or end with an abort error event then [DONE] (timeout 0), exit 0, no children left."""
+    port, streams = free_port(), 10
+    proc, log = spawn("--config", config(tmp_path, drain_timeout_s=drain_timeout), "--port", str(port))
+    base, states = f"http://127.0.0.1:{port}", []
+    try:
+        wait_ready(proc, base, states)
+        results: list = []
+        threads = [threading.Thread(target=stream, args=(base, results)) for _ in range(streams)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while running(base) < streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running(base) == streams
+        kids = children(proc.pid)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        rejected = 0
+        ready_after = probe(base)[1]
+        for _ in range(3):  # new requests while draining
+            try:
+                r = httpx.post(base + "/v1/completions", json={**LONG, "stream": False, "max_tokens": 4, "steps": 4})
+                rejected += r.status_code == 503 and "retry-after" in r.headers
+            except httpx.HTTPError:  # the listener may already be closed (drain 0)
+                rejected += 1
+        for t in threads:
+            t.join()
+        code = proc.wait(timeout=drain_timeout + 30)
+        exit_s = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    orphans = [k for k in kids if Path(f"/proc/{k}").exists()]
+    completed = sum(f in ("stop", "length") and d and e is None for f, e, d in results)
+    aborted = sum(e == "server_error" and d for f, e, d in results)
+    assert ready_after in (503, 0) and rejected == 3 and code == 0 and not orphans
+    assert exit_s < drain_timeout + 5
+    if drain_timeout:
+        assert completed == streams, results
+    else:
+        assert aborted == streams, results
+    figure(f"sigterm_drain_{drain_timeout}s", inflight_at_sigterm=streams, completed_after=completed,
+           aborted=aborted, rejected_new=rejected, exit_s=round(exit_s, 1), exit_code=code, orphans=len(orphans))
+
+
+def test_health_and_readiness_states(tmp_path):
+    """loading (health 200, ready 503) -> warming -> ready (both 200) -> draining (ready 503); and a server whose
+    model fails to load is dead: health 503, then the watchdog exits it with status 1."""
+    port = free_port()
+    proc, log = spawn("--config", config(tmp_path, drain_timeout_s=30), "--port", str(port))
+    base, seen, verified = f"http://127.0.0.1:{port}", [], set()
+    try:
+        time_to_ready = wait_ready(proc, base, seen)
+        assert (200, 503) in seen and seen[-1] == (200, 200), seen  # loading was observed, then ready
+        verified |= {"loading", "ready"}
+        log.seek(0)
+        text = log.read()
+        assert "loading -> warming" in text and "warming -> ready" in text  # warming came between, /ready 503
+        verified.add("warming")
+        results: list = []
+        t = threading.Thread(target=stream, args=(base, results))
+        t.start()
+        while running(base) < 1:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert probe(base) == (200, 503) and httpx.get(base + "/ready").json()["status"] == "draining"
+        verified.add("draining")
+        t.join()
+        assert proc.wait(timeout=60) == 0 and results[0][0] in ("stop", "length")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Dead: a checkpoint whose weights are corrupt. The server listens, fails to load, reports 503, exits 1.
+    bad = tmp_path / "broken-model"
+    shutil.copytree(REPO / "models" / "tiny-text", bad)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 64)
+    port = free_port()
+    proc, log = spawn(str(bad), "--port", str(port))
+    base, health = f"http://127.0.0.1:{port}", []
+    try:
+        end = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < end:
+            health.append(probe(base)[0])
+            time.sleep(0.1)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert 503 in health and code == 1, (health[-5:], code)
+    verified.add("dead")
+    figure("health_states", time_to_ready_s=round(time_to_ready, 1), states_verified=f"{len(verified)}/5")
+
+
+def test_secure_defaults():
+    """No flags: loopback only; no pickle or torch.load anywhere a request could reach; /docs can be turned off."""
+    from engine.config import build_config
+
+    cfg = build_config(None)
+    assert cfg.server.host == "127.0.0.1" and cfg.server.api_key is None and not cfg.server.cors_origins
+    assert not build_config(None, server__docs=False).server.docs
+    port = free_port()
+    proc, log = spawn(env={"DIFFUSERVE_PORT": str(port), "DIFFUSERVE_DOCS": "0"})
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}")
+        assert httpx.get(f"http://127.0.0.1:{port}/docs").status_code == 404
+        assert httpx.get(f"http://127.0.0.1:{port}/openapi.json").status_code == 404
+        listening = [ln.split() for ln in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+        ours = [f[1] for f in listening if f[3] == "0A" and int(f[1].split(":")[1], 16) == port]
+        assert ours == ["0100007F:%04X" % port], ours  # bound to 127.0.0.1 only
+        others = [a for a in _addresses() if not a.startswith("127.")]
+        for addr in others:  # and unreachable on the machine's other addresses
+            with pytest.raises(OSError):
+                socket.create_connection((addr, port), timeout=1).close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    unsafe = []
+    for path in list((REPO / "server").rglob("*.py")) + list((REPO / "engine").rglob("*.py")):
+        text = path.read_text()
+        for pattern in (r"\bpickle\b", r"torch\.load\(", r"\bmarshal\.loads\(", r"(?<![.\w])eval\(", r"yaml\.load\("):
+            if re.search(pattern, text):
+                unsafe.append(f"{path.relative_to(REPO)}: {pattern}")
+    assert not unsafe, unsafe
+    figure("secure_defaults", bind_addr="127.0.0.1", unsafe_deserialisers=len(unsafe), docs_can_be_disabled=1)
+
+
+def _addresses() -> list[str]:
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5).stdout
+    except OSError:
+        return []
+    return [a for a in out.split() if "." in a]
