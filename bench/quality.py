@@ -1,6 +1,7 @@
 """Quality of a decoding method on a bundled model, on a fixed seeded held-out set.
 
     python -m bench.quality --model tiny-task --method llada [decoding options] [--n 40] --json
+        (without --gen-length each example gets the smallest canvas of 256/512/1024 that holds its answer)
     python -m bench.quality --model tiny-text --method fast_dllm_prefix --threshold 0.9 --json
 
 tiny-task: per-task exact match (deterministic tasks) or validity (many-answer tasks), answer lengths.
@@ -33,23 +34,36 @@ def task_prompts(llm: LLM, n: int):
         yield ex, llm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def eval_task(llm: LLM, method: str, opts: DecodeOptions, n: int, seed: int) -> dict:
+def canvas_for(answer_tokens: int) -> int:
+    """The canvas an example is decoded on when --gen-length is not given: the smallest of the training canvases
+    (256, 512, 1024) that holds the answer and one EOS, so every answer length is tested on the canvas size the
+    model was trained to fill with answer-then-EOS. The answer's exact length is never revealed."""
+    from engine.train.task_data import TaskBatches
+
+    return next(c for c in TaskBatches.LENGTHS if c > answer_tokens)
+
+
+def eval_task(llm: LLM, method: str, opts: DecodeOptions, n: int, seed: int, fixed_canvas: bool = False) -> dict:
     from engine.train import task_data as tk
 
     per_task: dict[str, dict] = {}
     totals = {"generated_tokens": 0, "forward_passes": 0, "wall_time_s": 0.0}
     for i, (ex, ids) in enumerate(task_prompts(llm, n)):
-        out = llm.generate(ids, method, opts, seed=seed + i)
+        run_opts = opts if fixed_canvas else opts.with_(gen_length=canvas_for(len(ex.answer)))
+        out = llm.generate(ids, method, run_opts, seed=seed + i)
         words = out.completion.text.split()
         ok = tk.CHECKERS[ex.task](ex.prompt, words)
-        row = per_task.setdefault(ex.task, {"n": 0, "correct": 0, "answer_tokens": 0})
+        row = per_task.setdefault(ex.task, {"n": 0, "correct": 0, "answer_tokens": 0, "min_answer_tokens": 10**9,
+                                            "max_answer_tokens": 0})
         row["n"] += 1
         row["correct"] += int(ok)
         row["answer_tokens"] += len(ex.answer)
+        row["min_answer_tokens"] = min(row["min_answer_tokens"], len(ex.answer))
+        row["max_answer_tokens"] = max(row["max_answer_tokens"], len(ex.answer))
         totals["generated_tokens"] += len(out.completion.token_ids)
         totals["forward_passes"] += out.forward_calls
         totals["wall_time_s"] += out.wall_time_s
-        print(f"[{i + 1}/{n}] {ex.task} len {len(ex.answer)} {'ok' if ok else 'WRONG'} "
+        print(f"[{i + 1}/{n}] {ex.task} len {len(ex.answer)} canvas {run_opts.gen_length} {'ok' if ok else 'WRONG'} "
               f"({out.forward_calls} passes, {out.wall_time_s:.1f}s)", file=sys.stderr, flush=True)
     for name, row in per_task.items():
         key = "exact_match" if name in tk.DETERMINISTIC else "validity"
@@ -94,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     add_decoding_flags(p)
     args = p.parse_args(argv)
     llm = LLM(args.model, args.dtype)
-    method = args.method or VANILLA[llm.spec.family]
+    method = VANILLA[llm.spec.family] if args.method in (None, "vanilla") else args.method
     opts = decoding_options(args)
     t0 = time.monotonic()
     is_task = llm.tokenizer is not None and "count" in llm.tokenizer.get_vocab()
-    scores = (eval_task if is_task else eval_text)(llm, method, opts, args.n, args.seed)
+    if is_task:
+        scores = eval_task(llm, method, opts, args.n, args.seed, fixed_canvas=args.opt_gen_length is not None)
+    else:
+        scores = eval_text(llm, method, opts, args.n, args.seed)
     report = {"model": args.model, "method": method, "options": {k: v for k, v in opts.__dict__.items()},
               "n": args.n, **scores, "bench_wall_time_s": round(time.monotonic() - t0, 1)}
     print(json.dumps(report, indent=None if args.json else 2))

@@ -38,7 +38,8 @@ def _field_type(annotation):
 
 def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding options (defaults: the chosen method's reference defaults)")
-    g.add_argument("--method", choices=sorted(METHODS), help="decoding method (default: the family's reference)")
+    g.add_argument("--method", choices=sorted(METHODS) + ["vanilla"],
+                   help="decoding method (default, or vanilla: the family's reference sampler)")
     g.add_argument("--seed", type=int, default=0)
     for f in fields(DecodeOptions):
         g.add_argument("--" + f.name.replace("_", "-"), dest="opt_" + f.name, type=_field_type(f.name),

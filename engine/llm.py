@@ -53,7 +53,8 @@ class LLM:
 
     def generate(self, prompt_ids: list[int], method: str | None = None, opts: DecodeOptions | None = None,
                  seed: int = 0, stop: list[str] | None = None) -> Generation:
-        name = method or self.default_method()
+        # "vanilla": the family's reference sampler (llada or dream), the baseline every method is measured against
+        name = self.default_method() if method in (None, "vanilla") else method
         m = get_method(name)
         if m.family != self.spec.family:
             raise ValueError(f"method {name!r} decodes {m.family} models, not {self.spec.family}")

@@ -21,9 +21,10 @@ def write_card(out: Path, title: str, summary: str, data: str, command: str, rec
              "## Data", "", data, "",
              "## Training", "",
              f"    {command}", "",
-             f"- Objective: LLaDA's masked-diffusion loss (t ~ U(eps, 1), 1/t weighting; answers only for chat rows).",
+             "- Objective: LLaDA's masked-diffusion loss (t ~ U(eps, 1), 1/t weighting; answers only for chat rows).",
              f"- Config: `{json.dumps(record['train_config'])}`",
-             f"- Wall time: {record['wall_time_s'] / 60:.1f} minutes on 2 CPU cores (bf16 autocast).", "",
+             f"- Wall time: {record['wall_time_s'] / 60:.1f} minutes on 2 CPU cores "
+             f"({'bf16 autocast' if record.get('autocast_bf16', True) else 'float32'}).", "",
              "## Scores", ""]
     lines += [f"- {k}: {v}" for k, v in scores.items()]
     if samples:

@@ -1,0 +1,70 @@
+"""The bundled tiny-task model: it loads by name, and answers seeded held-out-style task prompts correctly (exact
+match for `count`, a valid parse for `sentences`), through the library and through `diffuserve generate --chat`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.decoding import DecodeOptions
+from engine.model.bundled import MODELS_DIR, bundled_names
+from engine.train import task_data as tk
+
+pytestmark = pytest.mark.skipif("tiny-task" not in bundled_names(), reason="tiny-task is not in this checkout")
+ROOT = Path(__file__).resolve().parents[1]
+VANILLA = DecodeOptions(gen_length=256, steps=256, block_length=32)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from engine.llm import LLM
+
+    return LLM("tiny-task")
+
+
+def ask(llm, words: list[str], method: str = "llada", opts: DecodeOptions = VANILLA, seed: int = 0) -> list[str]:
+    ids = llm.encode(" ".join(words), chat=True)
+    out = llm.generate(ids, method, opts, seed=seed)
+    assert out.completion.finish_reason == "stop"  # the answer ends with EOS inside the canvas
+    return out.completion.text.split()
+
+
+def test_card_records_training_and_scores():
+    card = (MODELS_DIR / "tiny-task" / "README.md").read_text()
+    assert "diffuserve train task" in card and "Wall time" in card and "count exact_match" in card
+    assert json.loads((MODELS_DIR / "tiny-task" / "config.json").read_text())["model_type"] == "llada"
+
+
+@pytest.mark.parametrize("start,end,step", [(100, 130, 1), (7, 97, 3), (250, 345, 5)])
+def test_count_answers_are_exact(llm, start, end, step):
+    prompt = ["count", "from", *tk.digits(start), "to", *tk.digits(end), "by", *tk.digits(step)]
+    answer = ask(llm, prompt)
+    assert tk.check_count(prompt, answer), " ".join(answer)
+    assert len(answer) >= 90
+
+
+@pytest.mark.parametrize("n,seed", [(14, 0), (20, 1)])
+def test_sentences_answers_parse(llm, n, seed):
+    prompt = ["write", *tk.digits(n), "sentences"]
+    answer = ask(llm, prompt, seed=seed)
+    assert tk.check_sentences(prompt, answer), " ".join(answer)
+    assert len(answer) >= 128
+
+
+def test_the_window_serving_mode_answers_too(llm):
+    prompt = ["count", "from", *tk.digits(40), "to", *tk.digits(99), "by", "1"]
+    answer = ask(llm, prompt, "window", VANILLA.with_(threshold=None))
+    assert tk.check_count(prompt, answer), " ".join(answer)
+
+
+def test_diffuserve_generate_answers_a_task_prompt():
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", "tiny-task", "--chat", "--prompt",
+                          "count from 1 0 to 2 0 0 by 5", "--gen-length", "256", "--steps", "256", "--block-length",
+                          "32", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    data = json.loads(out.strip().splitlines()[-1])
+    assert tk.check_count("count from 1 0 to 2 0 0 by 5".split(), data["text"].split()), data["text"]
+    assert data["finish_reason"] == "stop"
