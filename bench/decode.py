@@ -1,0 +1,304 @@
+"""Every LLaDA-family decoding method side by side, on the same model and prompts, in one run.
+
+    python -m bench.decode [--models tiny-task,tiny-text,random-100m] [--lengths 256,512,1024,2048] [--batch 1,8]
+                           [--methods vanilla,fast_dllm_prefix,...] [--n 8] [--json FILE] [--md FILE] [--plot DIR]
+
+For each model, generation length and batch size, each method decodes the same prompts and the table reports
+generated tokens/s (non-EOS tokens after stop truncation, as the papers count), the speed-up over vanilla (the
+reference sampler, one token per step), forward passes, query rows computed per generated token, and, on tiny-task,
+exact match / validity from the task checkers. Batch B: the reference loops decode B equal-length prompts as one
+[B, L] batch, as their authors' code does; our `window` mode runs B concurrent requests through the serving engine
+(scheduler, runner, KV pool), as the server does. A length the model cannot hold is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import torch
+
+from engine.decoding import METHODS, DecodeOptions
+from engine.detokenizer import finish
+
+# method -> options beyond gen_length (steps = gen_length: one token per step unless a threshold decides)
+METHOD_OPTIONS = {
+    "vanilla": dict(block_length=32),
+    "fast_dllm_prefix": dict(block_length=32, threshold=0.9),
+    "fast_dllm_dual": dict(block_length=32, threshold=0.9),
+    "window_llada": dict(),
+    "streaming_llada": dict(block_length=32, threshold=0.9),
+    "window": dict(threshold=0.9),
+}
+RANDOM_100M = dict(family="llada", vocab_size=8192, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
+                   intermediate_size=2048, rope_theta=10000.0, rms_norm_eps=1e-5, qkv_bias=False, max_positions=4096,
+                   mask_id=8191, eos_id=8190, pad_id=8190, bos_id=8189, eot_id=8188)
+
+
+@dataclass
+class Row:
+    model: str
+    gen_length: int
+    batch: int
+    method: str
+    tokens: int = 0
+    wall_s: float = 0.0
+    forward_passes: int = 0
+    query_rows: int = 0
+    correct: int = 0
+    checked: int = 0
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self, vanilla: "Row | None") -> dict:
+        d = asdict(self)
+        d.update(tok_s=round(self.tok_s, 2), rows_per_token=round(self.query_rows / max(1, self.tokens), 2),
+                 speedup=round(self.tok_s / vanilla.tok_s, 2) if vanilla and vanilla.tok_s else None,
+                 quality=round(self.correct / self.checked, 4) if self.checked else None)
+        return d
+
+
+class RowCounter:
+    """Counts the query rows every model forward computes (valid rows of a ragged batch only)."""
+
+    def __init__(self, model):
+        self.model, self.rows, self._forward = model, 0, model.forward
+
+    def __enter__(self):
+        def counted(fb):
+            self.rows += int(fb.valid.sum()) if fb.valid is not None else fb.ids.numel()
+            return self._forward(fb)
+
+        self.model.forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward  # the instance attribute goes; the class's method shows through again
+
+
+def load(name: str):
+    from engine.llm import LLM
+    from engine.model import ModelSpec
+    from engine.model.saver import random_model
+
+    if name == "random-100m":
+        llm = LLM.__new__(LLM)
+        llm.model = random_model(ModelSpec(**RANDOM_100M), seed=0).eval()
+        llm.spec, llm.tokenizer, llm.model_dir = llm.model.spec, None, name
+        return llm
+    return LLM(name)
+
+
+def prompts_for(llm, name: str, n: int, batch: int) -> list[tuple[list[int], object]]:
+    """n prompts (with their task example on tiny-task), in groups of `batch` with equal token lengths."""
+    if name == "tiny-task":
+        from bench.quality import task_prompts
+
+        by_len = defaultdict(list)
+        for ex, ids in task_prompts(llm, 40 * max(n, batch)):
+            by_len[len(ids)].append((ids, ex))
+        groups = sorted(by_len.values(), key=len, reverse=True)
+        out = []
+        for g in groups:  # whole groups of `batch` from the commonest lengths, alternating tasks within each
+            g = sorted(g, key=lambda p: p[1].task)[: len(g) - len(g) % batch]
+            out += g[: n - len(out)]
+            if len(out) >= n:
+                break
+        return out
+    if name == "tiny-text":
+        from bench.quality import TEXT_PROMPTS
+
+        return [(llm.encode(TEXT_PROMPTS[0]), None)] * n
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 8000, (32,), generator=g).tolist(), None)] * n
+
+
+def score(row: Row, llm, canvas: list[int], example) -> None:
+    done = finish(canvas, llm.tokenizer, llm.spec.stop_ids, llm.spec.mask_id, None)
+    tally(row, len(done.token_ids), done.text, example)
+
+
+def tally(row: Row, tokens: int, text: str, example) -> None:
+    row.tokens += tokens
+    if example is not None:
+        from engine.train import task_data as tk
+
+        row.checked += 1
+        row.correct += int(tk.CHECKERS[example.task](example.prompt, text.split()))
+
+
+BATCH_ONE = {"window_llada"}  # references written for one sequence: a batch runs them in turn
+
+
+def run_reference(llm, method: str, opts: DecodeOptions, group, row: Row) -> None:
+    if method in BATCH_ONE and len(group) > 1:
+        for one in group:
+            run_reference(llm, method, opts, [one], row)
+        return
+    m = METHODS[llm.default_method() if method == "vanilla" else method]
+    prompt = torch.tensor([ids for ids, _ in group], dtype=torch.long)  # [B, L], equal lengths by construction
+    with RowCounter(llm.model) as rc:
+        t0 = time.perf_counter()
+        res = m.generate(llm.model, prompt, opts, torch.Generator().manual_seed(0))
+        row.wall_s += time.perf_counter() - t0
+    row.forward_passes += res.forward_calls
+    row.query_rows += rc.rows
+    for b, (_, ex) in enumerate(group):
+        score(row, llm, res.ids[b].tolist(), ex)
+
+
+def run_engine(llm, opts: DecodeOptions, group, row: Row) -> None:
+    """B concurrent requests of our window mode through the serving engine, as the server runs them."""
+    import threading
+
+    from engine.engine import Engine
+    from engine.model.kv_pool import KVPool
+    from engine.request import Request
+    from engine.runner import ModelRunner
+    from engine.scheduler import Limits, Scheduler
+
+    pool = KVPool.for_model(llm.model, 2 << 30)
+    engine = Engine(llm.model, Scheduler(Limits(), pool), ModelRunner(llm.model, pool))
+    reqs, left, done = [], [len(group)], threading.Event()
+    texts, tokens = defaultdict(str), {}
+
+    def sink(out):  # the request's decoder is gone once it retires: keep what it emitted
+        texts[out.request_id] += out.text
+        if out.finished:
+            tokens[out.request_id] = out.completion_tokens
+            left[0] -= 1
+            if not left[0]:
+                done.set()
+
+    for i, (ids, _) in enumerate(group):
+        reqs.append(Request(f"bench-{i}", ids, METHODS["window"], opts, i, sink, llm.tokenizer, llm.spec.stop_ids,
+                            llm.spec.mask_id))
+    with RowCounter(llm.model) as rc:
+        t0 = time.perf_counter()
+        for r in reqs:
+            engine.submit(r)
+        while not done.is_set():  # driven here, synchronously: no thread hand-off in the timing
+            engine.step()
+        row.wall_s += time.perf_counter() - t0
+    row.forward_passes += engine.steps
+    row.query_rows += rc.rows
+    for r, (_, ex) in zip(reqs, group):
+        assert r.phase.value == "finished", (r.request_id, r.phase)
+        tally(row, tokens[r.request_id], texts[r.request_id], ex)
+
+
+def bench(models, lengths, batches, methods, n, out=sys.stderr) -> list[dict]:
+    results = []
+    for name in models:
+        llm = load(name)
+        for gen in lengths:
+            for batch in batches:
+                group_prompts = prompts_for(llm, name, n, batch)
+                longest = max(len(ids) for ids, _ in group_prompts)
+                if longest + gen > llm.spec.max_positions:
+                    print(f"{name} gen {gen}: skipped (prompt + {gen} > {llm.spec.max_positions} positions)",
+                          file=out, flush=True)
+                    continue
+                rows = {}
+                for method in methods:
+                    row = rows[method] = Row(name, gen, batch, method)
+                    opts = DecodeOptions(gen_length=gen, steps=gen, **METHOD_OPTIONS[method])
+                    for k in range(0, len(group_prompts), batch):
+                        group = group_prompts[k:k + batch]
+                        (run_engine(llm, opts, group, row) if method == "window"
+                         else run_reference(llm, method, opts, group, row))
+                    d = row.as_dict(rows.get("vanilla"))
+                    results.append(d)
+                    print(f"{name} gen {gen} batch {batch} {method}: {d['tok_s']} tok/s, x{d['speedup']}, "
+                          f"{row.forward_passes} passes, {d['rows_per_token']} rows/token, quality {d['quality']}",
+                          file=out, flush=True)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | gen | batch | method | tok/s | speed-up | forward passes | rows / token | quality |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for d in results:
+        q = "" if d["quality"] is None else f"{d['quality']:.1%} of {d['checked']}"
+        lines.append(f"| {d['model']} | {d['gen_length']} | {d['batch']} | `{d['method']}` | {d['tok_s']} | "
+                     f"{d['speedup']}x | {d['forward_passes']} | {d['rows_per_token']} | {q} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], out_dir: str) -> list[str]:
+    """speed-up vs generation length (per model, batch 1), and quality vs throughput (tiny-task)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    models = sorted({d["model"] for d in results})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for method in METHOD_OPTIONS:
+            pts = sorted((d["gen_length"], d["speedup"]) for d in results
+                         if d["model"] == model and d["method"] == method and d["batch"] == 1 and d["speedup"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set(title=f"{model} (batch 1)", xlabel="generation length", ylabel="speed-up over vanilla", xscale="log")
+        ax.set_xticks(sorted({d["gen_length"] for d in results}), labels=sorted({d["gen_length"] for d in results}))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = f"{out_dir}/decode_speedup.png"
+    fig.savefig(path, dpi=110)
+    written.append(path)
+    task = [d for d in results if d["quality"] is not None]
+    if task:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for d in task:
+            ax.scatter(d["tok_s"], 100 * d["quality"], label=f"{d['method']} g{d['gen_length']} b{d['batch']}")
+        ax.set(title="tiny-task: quality vs throughput", xlabel="generated tokens/s", ylabel="exact match / valid %",
+               xscale="log")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = f"{out_dir}/decode_quality.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tiny-task,tiny-text,random-100m")
+    ap.add_argument("--lengths", default="256,512,1024,2048")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--methods", default=",".join(METHOD_OPTIONS))
+    ap.add_argument("--n", type=int, default=8, help="prompts per (model, length, batch)")
+    ap.add_argument("--json", help="write the rows as JSON here")
+    ap.add_argument("--md", help="write the markdown table here")
+    ap.add_argument("--plot", help="write decode_speedup.png and decode_quality.png into this directory")
+    args = ap.parse_args(argv)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHOD_OPTIONS]
+    if unknown or "vanilla" not in methods:
+        ap.error(f"methods must include vanilla and come from {sorted(METHOD_OPTIONS)}; unknown: {unknown}")
+    methods = ["vanilla"] + [m for m in methods if m != "vanilla"]  # the baseline first: speed-ups need it
+    results = bench(args.models.split(","), [int(x) for x in args.lengths.split(",")],
+                    [int(x) for x in args.batch.split(",")], methods, args.n)
+    md = table(results)
+    print(md)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(md + "\n")
+    if args.plot:
+        print("wrote", ", ".join(plot(results, args.plot)), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
