@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         wall = time.monotonic() - t0
         sys.stderr.write(proc.stdout[-3000:])
         figures = json.loads(figures_path.read_text()) if figures_path.exists() else []
-    summary = (re.findall(r"^=*\s*(\d+ passed.*?)\s*=*$", proc.stdout, re.M) or ["(no summary)"])[-1]
+    summary = (re.findall(r"^=*\s*(\d+ (?:passed|failed).*?)\s*=*$", proc.stdout, re.M) or ["(no summary)"])[-1]
     Path(args.out).write_text(render(figures, summary, wall, args.soak, proc.returncode))
     print(f"wrote {args.out}: {len(figures)} figures; {summary}", file=sys.stderr)
     return proc.returncode

@@ -63,6 +63,12 @@ class Engine:
             self._observe_queues()
             self.lock.notify()
 
+    def attach_metrics(self, metrics) -> None:
+        """Start reporting to `metrics` (after the warm-up, which is nobody's request), gauges from now on."""
+        with self.lock:
+            self.metrics = metrics
+            self._observe_queues()
+
     def abort_all(self, reason: str = "abort") -> int:
         """Abort every waiting and running request (the drain timeout ran out); -> how many."""
         with self.lock:

@@ -78,7 +78,7 @@ def _load(cfg, life: Lifecycle, swap: Swap) -> None:
         log.info("loaded %s in %.1fs; warming up", cfg.model.path, time.monotonic() - t0)
         life.to(Phase.WARMING)
         warm_up(engine, llm, cfg)
-        engine.metrics = metrics
+        engine.attach_metrics(metrics)
         swap.app = create_app(cfg, llm, front, metrics, ready=life.ready)
         if life.phase is Phase.WARMING:  # a signal may have come meanwhile
             life.to(Phase.READY)

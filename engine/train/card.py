@@ -24,7 +24,8 @@ def write_card(out: Path, title: str, summary: str, data: str, command: str, rec
              "- Objective: LLaDA's masked-diffusion loss (t ~ U(eps, 1), 1/t weighting; answers only for chat rows).",
              f"- Config: `{json.dumps(record['train_config'])}`",
              f"- Wall time: {record['wall_time_s'] / 60:.1f} minutes on 2 CPU cores "
-             f"({'bf16 autocast' if record.get('autocast_bf16', True) else 'float32'}).", "",
+             f"({'bf16 autocast' if record.get('autocast_bf16', True) else 'float32'})"
+             + (f"; {record['note']}" if record.get("note") else "") + ".", "",
              "## Scores", ""]
     lines += [f"- {k}: {v}" for k, v in scores.items()]
     if samples:
