@@ -39,10 +39,44 @@ UNHONOURED = {
 }
 
 
+_NULL = {"type": "null"}
+# What /openapi.json says each UNHONOURED field may be (the values we honour), so that the document is honest:
+# a generator following it never meets the 400 these fields get otherwise.
+HONOURED_SCHEMA = {
+    "suffix": {"anyOf": [_NULL, {"const": ""}]},
+    "best_of": {"anyOf": [_NULL, {"const": 1}]},
+    "logit_bias": {"anyOf": [_NULL, {"type": "object", "maxProperties": 0}]},
+    "presence_penalty": {"anyOf": [_NULL, {"const": 0}]},
+    "frequency_penalty": {"anyOf": [_NULL, {"const": 0}]},
+    "tools": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
+    "functions": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
+    "tool_choice": {"anyOf": [_NULL, {"const": "none"}]},
+    "response_format": {"anyOf": [_NULL, {"type": "object", "properties": {"type": {"const": "text"}},
+                                          "required": ["type"]}]},
+    "audio": _NULL,
+    "modalities": {"anyOf": [_NULL, {"const": ["text"]}]},
+    "prediction": _NULL,
+    "chat_template": _NULL,
+    "chat_template_kwargs": {"anyOf": [_NULL, {"type": "object", "maxProperties": 0}]},
+    "guided_json": _NULL,
+    "guided_regex": _NULL,
+    "guided_grammar": _NULL,
+    "guided_choice": _NULL,
+    "prompt_embeds": _NULL,
+}
+assert set(HONOURED_SCHEMA) == set(UNHONOURED)
+
+
+def _declare_unhonoured(schema: dict, model) -> None:
+    for name, sub in HONOURED_SCHEMA.items():
+        schema.setdefault("properties", {})[name] = {**sub, "description": "only this value is honoured; any "
+                                                     "other is a 400 naming the field"}
+
+
 class DiffusionFields(BaseModel):
     """Diffusion extensions shared by both endpoints (None = the server's configured default)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_declare_unhonoured)
 
     method: str | None = None
     steps: int | None = Field(default=None, ge=1)
