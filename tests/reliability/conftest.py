@@ -70,15 +70,12 @@ def free_port() -> int:
 @contextlib.contextmanager
 def fake_server(delay: float = 0.005, fault_token: int | None = None, fault_after: int = 0, length: int = 40,
                 **overrides):
-    import uvicorn
-
     from engine.config import build_config
     from engine.engine import AsyncEngine, Engine
     from engine.fake_runner import FakeModel, FakeRunner
     from engine.metrics import Metrics
     from engine.model.kv_pool import KVPool
     from engine.scheduler import Limits, Scheduler
-    from server.app import uvicorn_config
     from server.routes import create_app
 
     llm = tiny_text()
@@ -93,13 +90,24 @@ def fake_server(delay: float = 0.005, fault_token: int | None = None, fault_afte
     engine = Engine(FakeModel(llm.spec), Scheduler(limits, pool), runner, metrics)
     engine.start()
     app = create_app(cfg, llm, AsyncEngine(engine), metrics, ready=lambda: not engine.scheduler.draining)
+    with serving(app, cfg, engine) as srv:
+        yield Stack(f"http://127.0.0.1:{cfg.server.port}", cfg, llm, engine, runner, pool, metrics, srv)
+
+
+@contextlib.contextmanager
+def serving(app, cfg, engine):
+    """uvicorn serving `app` in a thread, with `diffuserve serve`'s settings; stops it and the engine after."""
+    import uvicorn
+
+    from server.app import uvicorn_config
+
     srv = uvicorn.Server(uvicorn_config(app, cfg, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.02)
     try:
-        yield Stack(f"http://127.0.0.1:{cfg.server.port}", cfg, llm, engine, runner, pool, metrics, srv)
+        yield srv
     finally:
         srv.should_exit = True
         thread.join(timeout=15)

@@ -14,6 +14,15 @@ from dataclasses import dataclass, field
 FIGURES: list[dict] = []  # every figure() call of this session, in order
 
 
+def rss_mb() -> float:
+    """This process's resident memory (VmRSS), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def figure(test: str, **values) -> str:
     line = "FIGURE test=" + test + "".join(f" {k}={v}" for k, v in values.items())
     print(line, flush=True)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from .conftest import fake_server
-from .ledger import figure
+from .ledger import figure, rss_mb
 
 LIMIT = 64 << 10  # the body limit these servers run with
 
@@ -21,14 +21,6 @@ def limited():
     with fake_server(server__max_body_bytes=LIMIT, server__head_timeout_s=1.0, server__body_timeout_s=1.0,
                      server__keep_alive_s=1.0, engine__request_timeout_s=1.0, delay=0.02, length=400) as s:
         yield s
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def body_of_size(n: int) -> bytes:

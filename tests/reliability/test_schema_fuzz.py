@@ -42,7 +42,7 @@ from server.openapi import ChatCompletionChunk, CompletionChunk, ErrorResponse
 from server.protocol import ChatRequest, CompletionRequest
 
 from .conftest import fake_server
-from .ledger import figure
+from .ledger import figure, rss_mb
 
 EXAMPLES = 120  # hypothesis max_examples per operation and mode (operations without inputs yield fewer)
 MODES = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
@@ -50,14 +50,6 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
 BODY_MODEL = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest}
 CHUNK_MODEL = {"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def declared_statuses(case) -> set[int]:

@@ -16,8 +16,7 @@ import httpx
 import pytest
 
 from .conftest import fake_server
-from .ledger import Ledger, figure
-from .test_limits import rss_mb
+from .ledger import Ledger, figure, rss_mb
 
 
 def fds() -> int:
