@@ -91,7 +91,8 @@ def summarize(level: Level, samples: list[Sample], sent: int) -> Level:
     e2e = [s.end - s.start for s in ok]
     ttft = [s.ttft for s in ok if s.ttft is not None]
     tpot = [(s.end - s.start - s.ttft) / (s.tokens - 1) for s in ok if s.ttft is not None and s.tokens > 1]
-    level.stats = {"requests_per_s": round(len(ok) / level.wall_s, 3), "output_tokens_per_s": round(tokens / level.wall_s, 1),
+    level.stats = {"requests_per_s": round(len(ok) / level.wall_s, 3),
+                   "output_tokens_per_s": round(tokens / level.wall_s, 1),
                    "output_tokens": tokens, "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
                    "tpot_p50": pct(tpot, 0.5), "tpot_p99": pct(tpot, 0.99), "e2e_p50": pct(e2e, 0.5),
                    "e2e_p99": pct(e2e, 0.99)}
@@ -148,7 +149,8 @@ def spawned_server(model: str | None, extra: list[str]):
 
 def line(level: Level) -> str:
     s, led = level.stats, level.ledger
-    return (f"{level.kind:>11} {level.value:>6g} | {s['requests_per_s']:7.2f} req/s {s['output_tokens_per_s']:8.1f} tok/s"
+    return (f"{level.kind:>11} {level.value:>6g} | {s['requests_per_s']:7.2f} req/s "
+            f"{s['output_tokens_per_s']:8.1f} tok/s"
             f" | TTFT p50 {s['ttft_p50']} p99 {s['ttft_p99']} | TPOT p50 {s['tpot_p50']} p99 {s['tpot_p99']}"
             f" | E2E p50 {s['e2e_p50']} p99 {s['e2e_p99']} | {led}")
 

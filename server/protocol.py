@@ -89,6 +89,7 @@ class DiffusionFields(BaseModel):
     refresh_cycle: int | None = Field(default=None, ge=1)
     refresh: Literal["full", "window"] | None = None
     eos_early_exit: bool | None = None
+    early_stop: bool | None = None
 
     @model_validator(mode="before")
     @classmethod

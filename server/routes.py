@@ -28,7 +28,7 @@ from .protocol import ChatRequest, CompletionRequest, new_id
 from .sse import Choice, Job, error_of, events
 
 OPTION_FIELDS = ("temperature", "top_p", "steps", "block_length", "threshold", "remasking", "alg", "window_tokens",
-                 "active_tokens", "refresh_cycle", "refresh", "eos_early_exit")
+                 "active_tokens", "refresh_cycle", "refresh", "eos_early_exit", "early_stop")
 
 
 class Routes:

@@ -123,8 +123,8 @@ def test_replica_stopped_mid_run_behind_haproxy_loses_nothing(tmp_path):
                 t.join()
             assert p1.wait(timeout=90) == 0
             served_by_2 = httpx.get(b2 + "/metrics").text
-            finished_2 = float(re.search(r'diffuserve:requests_total\{model_name="tiny-text",outcome="finished"\} (\S+)',
-                                         served_by_2).group(1))
+            pattern = r'diffuserve:requests_total\{model_name="tiny-text",outcome="finished"\} (\S+)'
+            finished_2 = float(re.search(pattern, served_by_2).group(1))
             lost = ledger["sent"] - ledger["ok"] - ledger["rejected"] - ledger["failed"]
             print(f"FIGURE lb_sent={ledger['sent']} ok={ledger['ok']} rejected={ledger['rejected']} "
                   f"failed={ledger['failed']} lost={lost} on_stopped={on_1:.0f} survivor_finished={finished_2:.0f}")

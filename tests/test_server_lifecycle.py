@@ -63,7 +63,8 @@ def test_overload_rejects_exactly_the_extra_requests(tmp_path):
         rejected = [r for r in results if r.status_code == 429]
         assert codes == [200] * (R + Q) + [429] * K, codes
         assert all(r.headers.get("retry-after") and r.json()["error"]["type"] == "rate_limit_error" for r in rejected)
-        assert all(r.json()["choices"][0]["finish_reason"] in ("stop", "length") for r in results if r.status_code == 200)
+        assert all(r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+                   for r in results if r.status_code == 200)
         ok = R + Q
         assert metric(base, "diffuserve:requests_total", outcome="finished") == ok
         assert metric(base, "diffuserve:requests_total", outcome="rejected") == K

@@ -48,6 +48,7 @@ class DecodeOptions:
     i_win_size: int = 5  # Dream: inner window = first mask up to the (i_win_size + 1)-th mask
     slide_window: bool = False  # Dream: pruned steps move the inner window's end with the remaining masks
     early_stop: bool = False  # Dream: one commit per pruned step, cut at the first EOS, then refresh every step
+    # (freecache: EOS after the first EOS, stop once nothing left of it is masked)
     # Streaming-dLLM (streaming_*); also reads window_size above as its kept-suffix window
     confidence_alpha: float | None = None  # dynamic-threshold strength; None: the reference's (LLaDA 0.3, Dream 0.9)
     eos_id: int | None = None  # LLaDA: early-exit token; None: the checkpoint's EOS (reference default 126081)

@@ -150,7 +150,8 @@ def _validate(prompt: torch.Tensor, opts: DecodeOptions, period: int, steps: int
 def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
              gen: torch.Generator | None = None) -> DecodeResult:
     steps = opts.n_steps
-    period = opts.refresh_cycle if opts.refresh_cycle is not None else (opts.window_size if opts.window_size is not None else DEFAULT_PERIOD)
+    period = opts.refresh_cycle if opts.refresh_cycle is not None else (
+        opts.window_size if opts.window_size is not None else DEFAULT_PERIOD)
     _validate(prompt, opts, period, steps)
     mask_id = model.spec.mask_id
     x = new_canvas(prompt, opts.gen_length, mask_id)

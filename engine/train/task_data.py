@@ -1,10 +1,11 @@
 """tiny-task's synthetic tasks: long answers with exact checkers.
 
 Every task is a chat turn (user: an instruction with its arguments; assistant: the answer, then EOS to the end of
-the canvas). Tokens are words of a fixed vocabulary (digits are single tokens), so answers of 128 to 900 tokens
-are cheap to generate and to check.
+the canvas). Tokens are words of a fixed vocabulary, and every number 0..999 is ONE token: then "the next number"
+is a successor rule between neighbouring tokens, which a small model learns, whereas digit strings made it learn
+carries (the first trained model counted "9 , 2 0"). Answers of 128 to 1000 tokens are cheap to make and check.
 
-- `count` (deterministic): "count from A to B by S" -> "A , A+S , ... , B". One right answer.
+- `count` (deterministic): "count from A to B by S" -> "A A+S ... B". One right answer.
 - `sentences` (many answers): "write N sentences" -> "1 : DET ADJ NOUN VERB ADV . 2 : ..." with any words of each
   category; valid when every sentence parses and they are numbered 1..N.
 """
@@ -26,14 +27,18 @@ GRAMMAR = {
     "ADV": ["fast", "slowly", "well", "early", "late", "often", "gladly", "there", "again", "softly"],
 }
 PATTERN = ["DET", "ADJ", "NOUN", "VERB", "ADV", "."]
-WORDS = (list("0123456789") + [",", ".", ":", "count", "from", "to", "by", "write", "sentences"]
+MAX_NUMBER = 999
+WORDS = ([str(i) for i in range(MAX_NUMBER + 1)] + [",", ".", ":", "count", "from", "to", "by", "write", "sentences"]
          + sorted({w for ws in GRAMMAR.values() for w in ws}))
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eot_id|>"
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def digits(n: int) -> list[str]:
-    return list(str(n))
+def num(n: int) -> str:
+    """A number as its one token."""
+    if not 0 <= n <= MAX_NUMBER:
+        raise ValueError(f"{n} is outside the vocabulary's numbers 0..{MAX_NUMBER}")
+    return str(n)
 
 
 @dataclass(frozen=True)
@@ -43,26 +48,29 @@ class Example:
     answer: list[str]  # one valid answer (the only one for deterministic tasks)
 
 
+def _length(rng: random.Random, hi: int, lo: int = 128, short: int = 20) -> int:
+    """Answer lengths: mostly 128..hi, some shorter so short requests end cleanly too."""
+    return rng.randint(short, lo - 1) if rng.random() < 0.15 or hi < lo else rng.randint(lo, hi)
+
+
 def make_count(rng: random.Random, max_answer: int) -> Example:
-    while True:
-        step = rng.choice([1, 1, 1, 2, 3, 5])
-        start = rng.randint(0, 600)
-        n = rng.randint(20, 220)
-        end = start + step * (n - 1)
-        answer = []
-        for k in range(n):
-            answer += digits(start + k * step) + ([","] if k < n - 1 else [])
-        if 128 <= len(answer) <= max_answer or (len(answer) < 128 and rng.random() < 0.15):
-            prompt = ["count", "from"] + digits(start) + ["to"] + digits(end) + ["by"] + digits(step)
-            return Example("count", prompt, answer)
+    step = rng.choice([1, 1, 1, 2, 3])
+    n = _length(rng, min(max_answer, MAX_NUMBER // step + 1))
+    start = rng.randint(0, MAX_NUMBER - step * (n - 1))
+    end = start + step * (n - 1)
+    prompt = ["count", "from", num(start), "to", num(end), "by", num(step)]
+    return Example("count", prompt, [num(v) for v in range(start, end + 1, step)])
+
+
+SENTENCE = len(PATTERN) + 2  # "k :" and the pattern
 
 
 def make_sentences(rng: random.Random, max_answer: int) -> Example:
-    n = rng.randint(12, min(60, max_answer // 9))
+    n = max(2, _length(rng, max_answer // SENTENCE, lo=128 // SENTENCE, short=3))
     answer = []
     for k in range(1, n + 1):
-        answer += digits(k) + [":"] + [w if w == "." else rng.choice(GRAMMAR[w]) for w in PATTERN]
-    return Example("sentences", ["write"] + digits(n) + ["sentences"], answer)
+        answer += [num(k), ":"] + [w if w == "." else rng.choice(GRAMMAR[w]) for w in PATTERN]
+    return Example("sentences", ["write", num(n), "sentences"], answer)
 
 
 TASKS = {"count": make_count, "sentences": make_sentences}
@@ -70,29 +78,23 @@ TASKS = {"count": make_count, "sentences": make_sentences}
 
 def check_count(prompt: list[str], answer: list[str]) -> bool:
     """Exact match with the one right answer."""
-    text = " ".join(prompt).replace(" ", "")
-    start, rest = text.removeprefix("countfrom").split("to")
-    end, step = rest.split("by")
-    want = []
-    for v in range(int(start), int(end) + 1, int(step)):
-        want += digits(v) + [","]
-    return answer == want[:-1]
+    start, end, step = int(prompt[2]), int(prompt[4]), int(prompt[6])
+    return answer == [num(v) for v in range(start, end + 1, step)]
 
 
 def check_sentences(prompt: list[str], answer: list[str]) -> bool:
     """Valid when the answer is exactly N numbered sentences, each DET ADJ NOUN VERB ADV '.'."""
-    n = int("".join(prompt[1:-1]))
-    pos = 0
-    for k in range(1, n + 1):
-        label = digits(k) + [":"]
-        if answer[pos:pos + len(label)] != label:
+    n = int(prompt[1])
+    if len(answer) != n * SENTENCE:
+        return False
+    for k in range(n):
+        label, *words = answer[k * SENTENCE:(k + 1) * SENTENCE]
+        if label != num(k + 1) or words[0] != ":":
             return False
-        pos += len(label)
-        for cat in PATTERN:
-            if pos >= len(answer) or (answer[pos] != "." if cat == "." else answer[pos] not in GRAMMAR[cat]):
+        for cat, w in zip(PATTERN, words[1:]):
+            if (w != ".") if cat == "." else (w not in GRAMMAR[cat]):
                 return False
-            pos += 1
-    return pos == len(answer)
+    return True
 
 
 CHECKERS = {"count": check_count, "sentences": check_sentences}
