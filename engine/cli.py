@@ -99,6 +99,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .model.bundled import resolve_model
+    from .prune import PruneConfig, decoded_quality, run
+
+    src, out = Path(resolve_model(args.model)), Path(args.out)
+    try:
+        cfg = PruneConfig(args.sparsity, args.method, args.structure, args.samples, args.seed)
+        report = run(src, out, cfg, args.calib)
+    except ValueError as exc:
+        raise SystemExit(f"diffuserve prune: {exc}") from None
+    if args.quality_n > 0 and args.calib == "task":
+        report["quality_method"] = args.quality_method
+        report["decoded_before"] = decoded_quality(src, args.quality_method, args.quality_n)
+        report["decoded_after"] = decoded_quality(out, args.quality_method, args.quality_n)
+    (out / "prune_report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import serve
 
@@ -135,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--work", help="work directory for corpus, tokenizer and checkpoints (default .train-work/)")
     t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("prune", help="prune a checkpoint's weights offline (magnitude, Wanda, sink-aware)")
+    pr.add_argument("--model", required=True, help="checkpoint directory or bundled model name")
+    pr.add_argument("--out", required=True, help="output checkpoint directory")
+    pr.add_argument("--sparsity", type=float, default=0.5)
+    pr.add_argument("--method", default="sink-aware", choices=["magnitude", "wanda", "sink-aware"])
+    pr.add_argument("--structure", default="unstructured", choices=["unstructured", "2:4"])
+    pr.add_argument("--calib", default="task", help="'task' (tiny-task rows) or a UTF-8 text file")
+    pr.add_argument("--samples", type=int, default=32, help="calibration samples (each at 10 noise levels)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--quality-method", default="window", help="decoding method of the before/after report")
+    pr.add_argument("--quality-n", type=int, default=20, help="held-out task examples decoded (0: skip)")
+    pr.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
     s.add_argument("model", nargs="?", help="checkpoint directory")

@@ -143,13 +143,16 @@ class TaskBatches:
         return [BOS, USER] + self.encode(ex.prompt) + [EOT, ASSISTANT]
 
     def __call__(self, step: int):
-        import torch
-
         rng = random.Random(self.seed * 104_729 + step)
         canvas = rng.choice(self.LENGTHS)
-        total = self.prompt_pad + canvas
+        return self.rows(rng, canvas, max(1, self.budget // (self.prompt_pad + canvas)))
+
+    def rows(self, rng: random.Random, canvas: int, count: int):
+        """`count` random examples on one canvas -> (ids [count, prompt_pad + canvas], loss region, same shape)."""
+        import torch
+
         rows, regions = [], []
-        for _ in range(max(1, self.budget // total)):
+        for _ in range(count):
             task = rng.choice(sorted(TASKS))
             ex = TASKS[task](rng, canvas - 1)
             head = self.prompt_ids(ex)
