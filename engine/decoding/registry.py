@@ -56,6 +56,9 @@ class DecodeOptions:
     # diffuserve's own serving modes (window): how a refresh step recomputes, and whether to stop at EOS
     refresh: str = "window"  # "full": the whole canvas (as the reference); "window": prompt + decoded + W masks
     eos_early_exit: bool = True  # stop once an EOS is committed and everything left of it is decoded
+    # Guided diffusion (guided): the verifying causal LM, a directory or bundled name; config or CLI only, never
+    # an HTTP field (it names a path to load). It also reads window_size as its drafted window (128).
+    verifier: str | None = None
 
     @property
     def n_steps(self) -> int:
