@@ -91,6 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.recipe == "text":
         from .train.tiny_text import run
+    elif args.recipe == "text-ar":
+        from .train.tiny_ar import run
     else:
         from .train.tiny_task import run
     work = Path(args.work or f".train-work/{args.recipe}")
@@ -150,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_conformance)
 
     t = sub.add_parser("train", help="train a bundled model from scratch (resumable)")
-    t.add_argument("recipe", choices=["text", "task"])
+    t.add_argument("recipe", choices=["text", "text-ar", "task"])
     t.add_argument("--out", required=True, help="output model directory")
     t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--seed", type=int, default=0)

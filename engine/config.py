@@ -79,6 +79,13 @@ class Config:
             errors.append("model.device must be cpu or cuda[:N]")
         if self.decoding.method is not None and self.decoding.method not in METHODS:
             errors.append(f"decoding.method {self.decoding.method!r} unknown; known: {sorted(METHODS)}")
+        if self.decoding.options.verifier is not None:
+            from .model.bundled import resolve_model
+
+            try:
+                resolve_model(self.decoding.options.verifier)
+            except FileNotFoundError as exc:
+                errors.append(f"decoding.options.verifier: {exc}")
         s = self.server
         if not 0 < s.port < 65536:
             errors.append("server.port must be in 1..65535")

@@ -58,3 +58,12 @@ def test_unknown_yaml_keys_are_rejected(tmp_path):
     bad.write_text("model:\n  path: .\n  colour: blue\n")
     with pytest.raises(ValueError, match="colour"):
         build_config(str(bad))
+
+
+def test_a_verifier_that_does_not_resolve_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: tests/fixtures/parity/llada-tiny/model\ndecoding:\n  method: guided\n"
+                   "  options:\n    verifier: /nonexistent-ar\n")
+    with pytest.raises(ValueError, match="decoding.options.verifier"):
+        build_config(str(bad))

@@ -64,7 +64,8 @@ def _optimizer(model: DiffusionLM, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def save_state(model: DiffusionLM, opt: torch.optim.AdamW, step: int, log: list, ckpt: Path) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.tmp"))
+    # clone: tied weights (a causal LM's embedding and head) share storage, which safetensors refuses to write
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.tmp"))
     names = {id(p): n for n, p in model.named_parameters()}
     moments = {}
     for p, st in opt.state.items():
@@ -91,10 +92,12 @@ def load_state(model: DiffusionLM, opt: torch.optim.AdamW, ckpt: Path) -> tuple[
 
 def train(model: DiffusionLM, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
           ckpt: Path, evaluate: Callable[[DiffusionLM], dict] | None = None, out=None,
-          autocast_bf16: bool = False, until: int | None = None) -> list[dict]:
+          autocast_bf16: bool = False, until: int | None = None, loss_fn: Callable | None = None) -> list[dict]:
     """Train to cfg.steps, resuming from `ckpt` if it holds a checkpoint. Returns the log (loss, evals).
     autocast_bf16 runs matmuls in bf16 (float32 master weights): about 2x faster on CPUs with AVX512-BF16.
-    until: stop (with a checkpoint) after this step, as an interrupted run would; a later call resumes."""
+    until: stop (with a checkpoint) after this step, as an interrupted run would; a later call resumes.
+    loss_fn(model, ids, region, generator): the objective, masked diffusion by default (any nn.Module trains)."""
+    loss_fn = loss_fn or masked_diffusion_loss
     out = out or sys.stderr
     model.train()
     opt = _optimizer(model, cfg)
@@ -109,7 +112,7 @@ def train(model: DiffusionLM, batch_fn: Callable[[int], tuple[torch.Tensor, torc
             group["lr"] = lr_at(step, cfg)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
-            loss = masked_diffusion_loss(model, ids, region, gen)
+            loss = loss_fn(model, ids, region, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
