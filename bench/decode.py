@@ -33,7 +33,11 @@ METHOD_OPTIONS = {
     "window_llada": dict(),
     "streaming_llada": dict(block_length=32, threshold=0.9),
     "window": dict(threshold=0.9),
+    "freecache": dict(block_length=32, threshold=0.9),
+    "guided": dict(),
 }
+# guided needs a causal verifier sharing the model's tokenizer; a model without one skips the method
+VERIFIERS = {"tiny-text": "tiny-text-ar", "tiny-task": "tiny-task-ar"}
 RANDOM_100M = dict(family="llada", vocab_size=8192, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
                    intermediate_size=2048, rope_theta=10000.0, rms_norm_eps=1e-5, qkv_bias=False, max_positions=4096,
                    mask_id=8191, eos_id=8190, pad_id=8190, bos_id=8189, eot_id=8188)
@@ -193,6 +197,16 @@ def run_engine(llm, opts: DecodeOptions, group, row: Row) -> None:
         tally(row, tokens[r.request_id], texts[r.request_id], ex)
 
 
+def options_for(model: str, method: str, gen: int) -> DecodeOptions | None:
+    opts = DecodeOptions(gen_length=gen, steps=gen, **METHOD_OPTIONS[method])
+    if method != "guided":
+        return opts
+    from engine.model.bundled import bundled_names
+
+    verifier = VERIFIERS.get(model)
+    return opts.with_(verifier=verifier) if verifier in bundled_names() else None
+
+
 def bench(models, lengths, batches, methods, n, out=sys.stderr) -> list[dict]:
     results = []
     for name in models:
@@ -207,8 +221,11 @@ def bench(models, lengths, batches, methods, n, out=sys.stderr) -> list[dict]:
                     continue
                 rows = {}
                 for method in methods:
+                    opts = options_for(name, method, gen)
+                    if opts is None:
+                        print(f"{name}: {method} skipped (no bundled verifier for this model)", file=out, flush=True)
+                        continue
                     row = rows[method] = Row(name, gen, batch, method)
-                    opts = DecodeOptions(gen_length=gen, steps=gen, **METHOD_OPTIONS[method])
                     for k in range(0, len(group_prompts), batch):
                         group = group_prompts[k:k + batch]
                         (run_engine(llm, opts, group, row) if method == "window"

@@ -128,6 +128,7 @@ class TaskBatches:
 
     Each step picks one canvas length (256, 512 or 1024 positions after the prompt, at least the answer + 1) so the
     model learns to end an answer with EOS whatever the canvas size; only the answer and its EOS fill are in the loss.
+    Rows are prompt_pad + canvas long: the canvas part is longer by however much the prompt is shorter.
     """
 
     LENGTHS = (256, 512, 1024)
@@ -156,11 +157,12 @@ class TaskBatches:
             task = rng.choice(sorted(TASKS))
             ex = TASKS[task](rng, canvas - 1)
             head = self.prompt_ids(ex)
-            # Left-pad the prompt with EOS (outside the loss) so every row has the same length.
-            head = [EOS] * (self.prompt_pad - len(head)) + head
-            body = (self.encode(ex.answer) + [EOS] * canvas)[:canvas]
+            # Rows start with the prompt exactly as a request does (no left padding: a model trained behind EOS
+            # pads meets prompts without them at inference); a shorter prompt gets a longer EOS fill instead.
+            fill = self.prompt_pad + canvas - len(head)
+            body = (self.encode(ex.answer) + [EOS] * fill)[:fill]
             rows.append(head + body)
-            regions.append([False] * len(head) + [True] * canvas)
+            regions.append([False] * len(head) + [True] * fill)
         return torch.tensor(rows), torch.tensor(regions)
 
 

@@ -1,0 +1,46 @@
+"""bench.decode's bookkeeping on the bundled text model: the counts its table reports are the real ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import decode
+from engine.model.bundled import bundled_names
+
+pytestmark = pytest.mark.skipif("tiny-text" not in bundled_names(), reason="tiny-text is not in this checkout")
+
+
+@pytest.fixture(scope="module")
+def results():
+    methods = ["vanilla", "fast_dllm_dual", "freecache", "window"]
+    return {(d["method"], d["batch"]): d for d in decode.bench(["tiny-text"], [32], [1, 2], methods, n=2)}
+
+
+def test_vanilla_is_the_baseline_and_computes_every_row_every_step(results):
+    from engine.llm import LLM
+
+    llm = LLM("tiny-text")
+    prompt_len = len(decode.prompts_for(llm, "tiny-text", 1, 1)[0][0])
+    for batch in (1, 2):
+        v = results[("vanilla", batch)]
+        assert v["speedup"] == 1.0
+        assert v["forward_passes"] == 32 * (2 // batch)  # one token per step, 2 prompts in groups of `batch`
+        assert v["query_rows"] == v["forward_passes"] * batch * (prompt_len + 32)
+
+
+def test_cached_methods_compute_fewer_rows_and_every_row_is_reported(results):
+    for (method, batch), d in results.items():
+        assert d["tokens"] > 0 and d["tok_s"] > 0 and d["quality"] is None  # tiny-text has no checker
+        assert d["rows_per_token"] == round(d["query_rows"] / d["tokens"], 2)
+        if method != "vanilla":
+            assert d["query_rows"] < results[("vanilla", batch)]["query_rows"], method
+
+
+def test_the_table_has_a_line_per_row(results):
+    md = decode.table(list(results.values()))
+    assert md.count("\n") == len(results) + 1 and "`freecache`" in md and "rows / token" in md
+
+
+def test_guided_is_skipped_without_a_verifier():
+    assert decode.options_for("random-100m", "guided", 64) is None
+    assert decode.options_for("tiny-text", "freecache", 64).threshold == 0.9
