@@ -93,6 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .train.tiny_text import run
     elif args.recipe == "text-ar":
         from .train.tiny_ar import run
+    elif args.recipe == "task-ar":
+        from .train.tiny_ar import run_task as run
     else:
         from .train.tiny_task import run
     work = Path(args.work or f".train-work/{args.recipe}")
@@ -152,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_conformance)
 
     t = sub.add_parser("train", help="train a bundled model from scratch (resumable)")
-    t.add_argument("recipe", choices=["text", "text-ar", "task"])
+    t.add_argument("recipe", choices=["text", "text-ar", "task", "task-ar"])
     t.add_argument("--out", required=True, help="output model directory")
     t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--seed", type=int, default=0)
