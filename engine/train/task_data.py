@@ -1,13 +1,15 @@
 """tiny-task's synthetic tasks: long answers with exact checkers.
 
 Every task is a chat turn (user: an instruction with its arguments; assistant: the answer, then EOS to the end of
-the canvas). Tokens are words of a fixed vocabulary, and every number 0..999 is ONE token: then "the next number"
-is a successor rule between neighbouring tokens, which a small model learns, whereas digit strings made it learn
-carries (the first trained model counted "9 , 2 0"). Answers of 128 to 1000 tokens are cheap to make and check.
+the canvas). Tokens are words of a fixed vocabulary, digits are single tokens, and every number is written with
+exactly three digits ("007"): the same digit of consecutive numbers then sits at a fixed distance, so counting is a
+local rule between neighbouring tokens (units +1, a carry when the digit to its right was 9). Two earlier designs
+taught us this: variable-width numbers made the first model misalign carries ("9 , 2 0"), and one token per number
+(1000 symbols) left a second stuck near chance on counting after 1,250 steps.
 
-- `count` (deterministic): "count from A to B by S" -> "A A+S ... B". One right answer.
-- `sentences` (many answers): "write N sentences" -> "1 : DET ADJ NOUN VERB ADV . 2 : ..." with any words of each
-  category; valid when every sentence parses and they are numbered 1..N.
+- `count` (deterministic): "count from A to B" -> "A , A+1 , ... , B". One right answer.
+- `sentences` (many answers): "write N sentences" -> "001 : DET ADJ NOUN VERB ADV . 002 : ..." (digits spaced) with
+  any words of each category; valid when every sentence parses and they are numbered 1..N.
 """
 
 from __future__ import annotations
@@ -28,17 +30,21 @@ GRAMMAR = {
 }
 PATTERN = ["DET", "ADJ", "NOUN", "VERB", "ADV", "."]
 MAX_NUMBER = 999
-WORDS = ([str(i) for i in range(MAX_NUMBER + 1)] + [",", ".", ":", "count", "from", "to", "by", "write", "sentences"]
+WORDS = (list("0123456789") + [",", ".", ":", "count", "from", "to", "write", "sentences"]
          + sorted({w for ws in GRAMMAR.values() for w in ws}))
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eot_id|>"
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def num(n: int) -> str:
-    """A number as its one token."""
+def num(n: int) -> list[str]:
+    """A number as its three digit tokens."""
     if not 0 <= n <= MAX_NUMBER:
-        raise ValueError(f"{n} is outside the vocabulary's numbers 0..{MAX_NUMBER}")
-    return str(n)
+        raise ValueError(f"{n} is outside 0..{MAX_NUMBER}")
+    return list(f"{n:03d}")
+
+
+def value(digits: list[str]) -> int:
+    return int("".join(digits))
 
 
 @dataclass(frozen=True)
@@ -48,29 +54,30 @@ class Example:
     answer: list[str]  # one valid answer (the only one for deterministic tasks)
 
 
-def _length(rng: random.Random, hi: int, lo: int = 128, short: int = 20) -> int:
-    """Answer lengths: mostly 128..hi, some shorter so short requests end cleanly too."""
+def _length(rng: random.Random, lo: int, hi: int, short: int) -> int:
+    """Item counts: mostly lo..hi, some shorter so short requests end cleanly too."""
     return rng.randint(short, lo - 1) if rng.random() < 0.15 or hi < lo else rng.randint(lo, hi)
 
 
+NUMBER = 4  # tokens per counted number: three digits and a comma
+SENTENCE = 4 + len(PATTERN)  # "d d d :" then the pattern (its last word is ".")
+
+
 def make_count(rng: random.Random, max_answer: int) -> Example:
-    step = rng.choice([1, 1, 1, 2, 3])
-    n = _length(rng, min(max_answer, MAX_NUMBER // step + 1))
-    start = rng.randint(0, MAX_NUMBER - step * (n - 1))
-    end = start + step * (n - 1)
-    prompt = ["count", "from", num(start), "to", num(end), "by", num(step)]
-    return Example("count", prompt, [num(v) for v in range(start, end + 1, step)])
-
-
-SENTENCE = len(PATTERN) + 2  # "k :" and the pattern
+    n = _length(rng, 32, min(256, (max_answer + 1) // NUMBER), short=5)  # 4n - 1 tokens: 127..1023
+    start = rng.randint(0, MAX_NUMBER - (n - 1))
+    answer = []
+    for v in range(start, start + n):
+        answer += num(v) + ([","] if v < start + n - 1 else [])
+    return Example("count", ["count", "from", *num(start), "to", *num(start + n - 1)], answer)
 
 
 def make_sentences(rng: random.Random, max_answer: int) -> Example:
-    n = max(2, _length(rng, max_answer // SENTENCE, lo=128 // SENTENCE, short=3))
+    n = _length(rng, 13, min(102, max_answer // SENTENCE), short=3)  # 10n tokens: 130..1020
     answer = []
     for k in range(1, n + 1):
-        answer += [num(k), ":"] + [w if w == "." else rng.choice(GRAMMAR[w]) for w in PATTERN]
-    return Example("sentences", ["write", num(n), "sentences"], answer)
+        answer += num(k) + [":"] + [w if w == "." else rng.choice(GRAMMAR[w]) for w in PATTERN]
+    return Example("sentences", ["write", *num(n), "sentences"], answer)
 
 
 TASKS = {"count": make_count, "sentences": make_sentences}
@@ -78,20 +85,23 @@ TASKS = {"count": make_count, "sentences": make_sentences}
 
 def check_count(prompt: list[str], answer: list[str]) -> bool:
     """Exact match with the one right answer."""
-    start, end, step = int(prompt[2]), int(prompt[4]), int(prompt[6])
-    return answer == [num(v) for v in range(start, end + 1, step)]
+    start, end = value(prompt[2:5]), value(prompt[6:9])
+    want = []
+    for v in range(start, end + 1):
+        want += num(v) + [","]
+    return answer == want[:-1]
 
 
 def check_sentences(prompt: list[str], answer: list[str]) -> bool:
     """Valid when the answer is exactly N numbered sentences, each DET ADJ NOUN VERB ADV '.'."""
-    n = int(prompt[1])
+    n = value(prompt[1:4])
     if len(answer) != n * SENTENCE:
         return False
     for k in range(n):
-        label, *words = answer[k * SENTENCE:(k + 1) * SENTENCE]
-        if label != num(k + 1) or words[0] != ":":
+        item = answer[k * SENTENCE:(k + 1) * SENTENCE]
+        if item[:3] != num(k + 1) or item[3] != ":":
             return False
-        for cat, w in zip(PATTERN, words[1:]):
+        for cat, w in zip(PATTERN, item[4:]):
             if (w != ".") if cat == "." else (w not in GRAMMAR[cat]):
                 return False
     return True
