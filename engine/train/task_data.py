@@ -1,15 +1,21 @@
 """tiny-task's synthetic tasks: long answers with exact checkers.
 
-Every task is a chat turn (user: an instruction with its arguments; assistant: the answer, then EOS to the end of
+Every task is a chat turn (user: an instruction ending in a number; assistant: the answer, then EOS to the end of
 the canvas). Tokens are words of a fixed vocabulary, digits are single tokens, and every number is written with
-exactly three digits ("007"): the same digit of consecutive numbers then sits at a fixed distance, so counting is a
-local rule between neighbouring tokens (units +1, a carry when the digit to its right was 9). Two earlier designs
-taught us this: variable-width numbers made the first model misalign carries ("9 , 2 0"), and one token per number
-(1000 symbols) left a second stuck near chance on counting after 1,250 steps.
+exactly three digits ("007"), so the same digit of consecutive numbers sits at a fixed distance and counting is a
+local rule between neighbours. Both tasks count DOWN from the prompt's number to 000, and the chat template puts
+exactly one token (<|assistant|>) between that number and the answer, where a comma sits between two numbers: the
+answer's first number then follows from the prompt by the very rule that links every later number to the one
+before it, and the end (after 000) is local too.
 
-- `count` (deterministic): "count from A to B" -> "A , A+1 , ... , B". One right answer.
-- `sentences` (many answers): "write N sentences" -> "001 : DET ADJ NOUN VERB ADV . 002 : ..." (digits spaced) with
-  any words of each category; valid when every sentence parses and they are numbered 1..N.
+Earlier designs taught us why (docs in the issue notes): with variable-width numbers the first model misaligned
+carries; with one token per number a second sat near chance on counting; with "count from A to B" a third learned
+counting but never learned to read A or B from the prompt (0/40 first numbers right after 2,000 steps): that
+signal is a few tokens per example, against a local rule that predicts everything else.
+
+- `count` (deterministic): "count down from A" -> "A-1 , A-2 , ... , 000". One right answer.
+- `sentences` (many answers): "write sentences down from N" -> N sentences "k : DET ADJ NOUN VERB ADV ." numbered
+  N-1 down to 000, with any words of each category; valid when every sentence parses and the numbering is right.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ GRAMMAR = {
 }
 PATTERN = ["DET", "ADJ", "NOUN", "VERB", "ADV", "."]
 MAX_NUMBER = 999
-WORDS = (list("0123456789") + [",", ".", ":", "count", "from", "to", "write", "sentences"]
+WORDS = (list("0123456789") + [",", ".", ":", "count", "down", "from", "write", "sentences"]
          + sorted({w for ws in GRAMMAR.values() for w in ws}))
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eot_id|>"
+# No end-of-turn token: <|assistant|> alone separates the prompt's last number from the answer (see above).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
@@ -64,20 +71,19 @@ SENTENCE = 4 + len(PATTERN)  # "d d d :" then the pattern (its last word is ".")
 
 
 def make_count(rng: random.Random, max_answer: int) -> Example:
-    n = _length(rng, 32, min(256, (max_answer + 1) // NUMBER), short=5)  # 4n - 1 tokens: 127..1023
-    start = rng.randint(0, MAX_NUMBER - (n - 1))
+    n = _length(rng, 32, min(256, (max_answer + 1) // NUMBER), short=5)  # n numbers, 4n - 1 tokens: 127..1023
     answer = []
-    for v in range(start, start + n):
-        answer += num(v) + ([","] if v < start + n - 1 else [])
-    return Example("count", ["count", "from", *num(start), "to", *num(start + n - 1)], answer)
+    for v in range(n - 1, -1, -1):
+        answer += num(v) + ([","] if v else [])
+    return Example("count", ["count", "down", "from", *num(n)], answer)
 
 
 def make_sentences(rng: random.Random, max_answer: int) -> Example:
     n = _length(rng, 13, min(102, max_answer // SENTENCE), short=3)  # 10n tokens: 130..1020
     answer = []
-    for k in range(1, n + 1):
+    for k in range(n - 1, -1, -1):
         answer += num(k) + [":"] + [w if w == "." else rng.choice(GRAMMAR[w]) for w in PATTERN]
-    return Example("sentences", ["write", *num(n), "sentences"], answer)
+    return Example("sentences", ["write", "sentences", "down", "from", *num(n)], answer)
 
 
 TASKS = {"count": make_count, "sentences": make_sentences}
@@ -85,21 +91,20 @@ TASKS = {"count": make_count, "sentences": make_sentences}
 
 def check_count(prompt: list[str], answer: list[str]) -> bool:
     """Exact match with the one right answer."""
-    start, end = value(prompt[2:5]), value(prompt[6:9])
     want = []
-    for v in range(start, end + 1):
+    for v in range(value(prompt[3:6]) - 1, -1, -1):
         want += num(v) + [","]
     return answer == want[:-1]
 
 
 def check_sentences(prompt: list[str], answer: list[str]) -> bool:
-    """Valid when the answer is exactly N numbered sentences, each DET ADJ NOUN VERB ADV '.'."""
-    n = value(prompt[1:4])
+    """Valid when the answer is exactly N sentences numbered N-1 down to 0, each DET ADJ NOUN VERB ADV '.'."""
+    n = value(prompt[4:7])
     if len(answer) != n * SENTENCE:
         return False
     for k in range(n):
         item = answer[k * SENTENCE:(k + 1) * SENTENCE]
-        if item[:3] != num(k + 1) or item[3] != ":":
+        if item[:3] != num(n - 1 - k) or item[3] != ":":
             return False
         for cat, w in zip(PATTERN, item[4:]):
             if (w != ".") if cat == "." else (w not in GRAMMAR[cat]):
@@ -151,7 +156,7 @@ class TaskBatches:
         return [self.ids[w] for w in words]
 
     def prompt_ids(self, ex: Example) -> list[int]:
-        return [BOS, USER] + self.encode(ex.prompt) + [EOT, ASSISTANT]
+        return [BOS, USER] + self.encode(ex.prompt) + [ASSISTANT]
 
     def __call__(self, step: int):
         rng = random.Random(self.seed * 104_729 + step)
