@@ -69,3 +69,28 @@ def test_serve_without_a_model_argument_answers_text(tmp_path):
             out = json.loads(r.read())
         assert out["model"] == "tiny-text" and out["choices"][0]["text"].strip()
         assert 0 < out["usage"]["completion_tokens"] <= 32
+
+
+@pytest.mark.skipif("tiny-text-ar" not in bundled_names(), reason="tiny-text-ar is not in this checkout")
+def test_tiny_text_ar_verifies_tiny_text_drafts(text_llm):
+    """The shipped verifier shares tiny-text's tokenizer, loads as a transformers causal LM, and guided decoding
+    with it gives exactly its greedy continuation, at least one token per diffusion forward."""
+    import torch
+
+    from engine.decoding.guided import load_verifier
+
+    ar = MODELS_DIR / "tiny-text-ar"
+    assert (ar / "tokenizer.json").read_bytes() == (MODELS_DIR / "tiny-text" / "tokenizer.json").read_bytes()
+    assert "diffuserve train text-ar" in (ar / "README.md").read_text()
+    lm = load_verifier("tiny-text-ar")
+    ids = text_llm.encode("KING HENRY.\nWhat news from")
+    out = text_llm.generate(ids, "guided", DecodeOptions(gen_length=48, verifier="tiny-text-ar"), seed=0)
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(48):
+            seq.append(int(lm(torch.tensor([seq])).logits[0, -1].argmax()))
+            if seq[-1] == text_llm.spec.eos_id:
+                break
+    want = seq[len(ids):]
+    assert out.canvas_ids[:len(want)] == want
+    assert out.forward_calls <= len(want)
