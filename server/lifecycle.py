@@ -32,6 +32,7 @@ class Lifecycle:
         self.engine = None  # set once built; the watchdog watches it
         self.error: str | None = None
         self.since = time.monotonic()
+        self.closed = False  # the process is shutting down on purpose: the engine stopping then is no death
 
     def to(self, phase: Phase, error: str | None = None) -> None:
         if self.phase is Phase.DEAD:  # nothing comes back from the dead
@@ -48,7 +49,7 @@ class Lifecycle:
         and call stop()."""
 
         def run():
-            while True:
+            while not self.closed:
                 eng = self.engine
                 if eng is not None and not eng.alive and self.phase is not Phase.DEAD:
                     self.to(Phase.DEAD, f"engine stopped: {getattr(eng, 'fatal', None)}")
