@@ -61,7 +61,7 @@ class Engine:
                 raise Draining("the engine has stopped")
             self.scheduler.add(req)  # QueueFull / Draining / ValueError propagate to the caller
             self._observe_queues()
-            self.lock.notify()
+            self.lock.notify_all()
 
     def attach_metrics(self, metrics) -> None:
         """Start reporting to `metrics` (after the warm-up, which is nobody's request), gauges from now on."""
@@ -76,14 +76,14 @@ class Engine:
                     if r.abort_reason is None and r.phase in (RequestPhase.WAITING, RequestPhase.RUNNING)]
             for req in reqs:
                 req.abort_reason = reason
-            self.lock.notify()
+            self.lock.notify_all()
         return len(reqs)
 
     def abort(self, req: Request, reason: str = "abort") -> None:
         with self.lock:
             if req.phase in (RequestPhase.WAITING, RequestPhase.RUNNING) and req.abort_reason is None:
                 req.abort_reason = reason
-                self.lock.notify()
+                self.lock.notify_all()
 
     @property
     def alive(self) -> bool:
@@ -107,7 +107,7 @@ class Engine:
     def stop(self) -> None:
         with self.lock:
             self._stop = True
-            self.lock.notify()
+            self.lock.notify_all()
         self._thread.join(timeout=10)
 
     # -- the engine thread ---------------------------------------------------------------------------------------
