@@ -39,7 +39,8 @@ def transfer(logits, opts: DecodeOptions, mask_index, x, count, gen):
     return x0, top_k_select(confidence, count)
 
 
-def _setup(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions):
+def block_setup(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions):
+    """The block loops' shared start (Fast-dLLM's and FreeCache's): checked options, the canvas and the block plan."""
     check(opts.remasking in ("low_confidence", "random"), f"unknown remasking {opts.remasking!r}")
     check(opts.cfg_scale == 0, "Fast-dLLM methods do not support cfg_scale")
     block, num_blocks, steps = block_plan(opts)
@@ -49,7 +50,7 @@ def _setup(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions):
 @register("fast_dllm", LLADA, "Fast-dLLM without cache: full forward per step, threshold/factor parallel commits")
 def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
              gen: torch.Generator | None = None) -> DecodeResult:
-    x, block, num_blocks, steps = _setup(model, prompt, opts)
+    x, block, num_blocks, steps = block_setup(model, prompt, opts)
     mask_id, lp, calls = model.spec.mask_id, prompt.shape[1], 0
     for b in range(num_blocks):
         start, end = lp + b * block, lp + (b + 1) * block
@@ -69,7 +70,7 @@ def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
 
 
 def _cached(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions, gen, dual: bool) -> DecodeResult:
-    x, block, num_blocks, steps = _setup(model, prompt, opts)
+    x, block, num_blocks, steps = block_setup(model, prompt, opts)
     mask_id, lp, total = model.spec.mask_id, prompt.shape[1], x.shape[1]
     cache = model.new_cache(x.shape[0], total)
     calls = 0

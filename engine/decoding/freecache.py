@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..model import LLADA, DiffusionLM, span_forward
-from .fast_dllm import _setup, transfer
+from .fast_dllm import block_setup, transfer
 from .registry import DecodeOptions, DecodeResult, register
 from .sampling import llada_schedule
 
@@ -33,7 +33,7 @@ def fill_after_eos(x: torch.Tensor, lp: int, eos: int) -> None:
 @register("freecache", LLADA, "FreeCache: decoded K/V frozen and promoted at block end; block+suffix vs frozen prefix")
 def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
              gen: torch.Generator | None = None) -> DecodeResult:
-    x, block, num_blocks, steps = _setup(model, prompt, opts)
+    x, block, num_blocks, steps = block_setup(model, prompt, opts)
     mask_id, eos, lp, total = model.spec.mask_id, model.spec.eos_id, prompt.shape[1], x.shape[1]
     cache = model.new_cache(x.shape[0], total)
     calls = 0

@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,16 @@ from .tiny_text import SEQ_LEN, VOCAB, encode_corpus
 from .trainer import TrainConfig, config_dict, native_bf16, train
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class CardText:
+    """What a verifier's model card says beyond its training record."""
+
+    title: str  # the model's name
+    of: str  # the diffusion model it verifies
+    data: str
+    command: str
 
 
 def ar_config(task: bool = False):
@@ -67,8 +78,8 @@ def run(out: Path, work: Path, steps: int, batch_size: int = 16, seed: int = 0,
         tokenizer_dir: Path = MODELS_DIR / "tiny-text") -> dict:
     texts = td.fetch_corpus(work / "corpus")
     train_stream, held = encode_corpus(texts, tokenizer_dir)  # tiny-text's own tokenizer: the ids must agree
-    card = dict(title="tiny-text-ar", of="tiny-text", data="The same as tiny-text's: " + TINY_TEXT_DATA,
-                command=f"diffuserve train text-ar --out {out} --steps {steps}")
+    card = CardText(title="tiny-text-ar", of="tiny-text", data="The same as tiny-text's: " + TINY_TEXT_DATA,
+                    command=f"diffuserve train text-ar --out {out} --steps {steps}")
     return _train(out, work, steps, seed, td.TextBatches(train_stream, SEQ_LEN, batch_size, seed), make_eval(held),
                   tokenizer_dir, False, card, train_tokens=len(train_stream))
 
@@ -85,14 +96,14 @@ def run_task(out: Path, work: Path, steps: int, seed: int = 0) -> dict:
     def evaluate(model) -> dict:
         return {"heldout_answer_nll_nats_per_token": round(float(causal_loss(model, ids, region)), 4)}
 
-    card = dict(title="tiny-task-ar", of="tiny-task", data="The same synthetic tasks as tiny-task's "
-                "(engine/train/task_data.py), drawn afresh every step.",
-                command=f"diffuserve train task-ar --out {out} --steps {steps}")
+    card = CardText(title="tiny-task-ar", of="tiny-task", data="The same synthetic tasks as tiny-task's "
+                    "(engine/train/task_data.py), drawn afresh every step.",
+                    command=f"diffuserve train task-ar --out {out} --steps {steps}")
     return _train(out, work, steps, seed, tk.TaskBatches(TOKENS_PER_STEP, seed=seed), evaluate, tok_dir, True, card)
 
 
 def _train(out: Path, work: Path, steps: int, seed: int, batches, evaluate, tokenizer_dir: Path, task: bool,
-           card: dict, **extra) -> dict:
+           card: CardText, **extra) -> dict:
     from transformers import LlamaForCausalLM
 
     t0 = time.monotonic()
@@ -111,19 +122,19 @@ def _train(out: Path, work: Path, steps: int, seed: int, batches, evaluate, toke
     return record
 
 
-def write_card(out: Path, record: dict, cfg, card: dict) -> None:
+def write_card(out: Path, record: dict, cfg, card: CardText) -> None:
     size_mb = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e6
-    lines = [f"# {card['title']}", "",
-             f"A small causal (autoregressive) LM on exactly {card['of']}'s tokenizer and data: the verifier that "
-             f"guided diffusion (`--method guided --verifier {card['title']}`) checks {card['of']}'s drafts with. "
+    lines = [f"# {card.title}", "",
+             f"A small causal (autoregressive) LM on exactly {card.of}'s tokenizer and data: the verifier that "
+             f"guided diffusion (`--method guided --verifier {card.title}`) checks {card.of}'s drafts with. "
              "It is not a diffusion model and is not served on its own.", "",
              "## Model", "",
              f"- Architecture: transformers' Llama (causal), {cfg.num_hidden_layers} layers, hidden "
              f"{cfg.hidden_size}, {cfg.num_attention_heads} heads, SwiGLU {cfg.intermediate_size}, vocabulary "
              f"{cfg.vocab_size}, tied embeddings; loads with AutoModelForCausalLM (no remote code).",
              f"- Parameters: {record['params']:,}; weights in bf16 safetensors; files {size_mb:.1f} MB.", "",
-             "## Data", "", card["data"], "",
-             "## Training", "", f"    {card['command']}", "",
+             "## Data", "", card.data, "",
+             "## Training", "", f"    {card.command}", "",
              "- Objective: next-token cross-entropy (on chat rows, the answer and its first EOS only).",
              f"- Config: `{json.dumps(record['train_config'])}`",
              f"- Wall time: {record['wall_time_s'] / 60:.1f} minutes on 2 CPU cores "
