@@ -73,6 +73,31 @@ def test_task_checkers_accept_the_generated_answers_and_reject_corruptions():
             assert not tk.CHECKERS[name](ex.prompt, bad)
 
 
+def test_task_rows_start_with_the_prompt_and_continuation_rows_give_an_answer_prefix():
+    """Every row is the chat prompt, then (continuation rows) a given prefix of the answer, then the noised region:
+    the rest of the answer and EOS to the end. Only that region is in the loss."""
+    import random
+
+    batches = tk.TaskBatches(0, split=0.5)
+    ids, region = batches.rows(random.Random(1), 256, 64)
+    assert ids.shape == region.shape == (64, batches.prompt_pad + 256)
+    split = 0
+    for row, reg in zip(ids.tolist(), region.tolist()):
+        assert row[:2] == [tk.BOS, tk.USER]
+        start = reg.index(True)
+        assert all(reg[start:]) and not any(reg[:start])  # one contiguous region, to the end of the row
+        words = [(tk.SPECIALS + tk.WORDS)[i] for i in row]
+        assistant = words.index("<|assistant|>")
+        prompt, rest = words[2:assistant], [w for w in words[assistant + 1:] if w != "<|endoftext|>"]
+        task = "count" if prompt[0] == "count" else "sentences"
+        assert tk.CHECKERS[task](prompt, rest)  # prefix + region together are one right answer
+        assert row[start:].count(tk.EOS) >= 1  # the answer ends inside the canvas
+        split += start > assistant + 1
+    assert 16 < split < 48  # about half are continuation rows
+    whole = tk.TaskBatches(0, split=0.0).rows(random.Random(1), 256, 16)[1]
+    assert all(row.tolist().index(True) in (9, 10) for row in whole)  # the region starts right after the prompt
+
+
 def test_a_causal_lm_trains_and_resumes_through_the_same_loop(tmp_path):
     """The guided verifiers' recipe: transformers' Llama (tied embeddings) through train(loss_fn=causal_loss)."""
     from transformers import LlamaConfig, LlamaForCausalLM

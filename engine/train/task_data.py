@@ -11,7 +11,11 @@ before it, and the end (after 000) is local too.
 Earlier designs taught us why (docs in the issue notes): with variable-width numbers the first model misaligned
 carries; with one token per number a second sat near chance on counting; with "count from A to B" a third learned
 counting but never learned to read A or B from the prompt (0/40 first numbers right after 2,000 steps): that
-signal is a few tokens per example, against a local rule that predicts everything else.
+signal is a few tokens per example, against a local rule that predicts everything else. Probing the fourth design
+(this one, trained on whole answers only) showed why: with the numbers left of a position visible and everything
+right of it masked, it predicted the next number 0 of 30 times; it had learned to count from the EOS boundary on
+the right, which uniform masking nearly always leaves partly visible and semi-autoregressive decoding never does.
+So half the rows are continuations (`TaskBatches.split`): a random prefix of the answer is given with the prompt.
 
 - `count` (deterministic): "count down from A" -> "A-1 , A-2 , ... , 000". One right answer.
 - `sentences` (many answers): "write sentences down from N" -> N sentences "k : DET ADJ NOUN VERB ADV ." numbered
@@ -148,8 +152,8 @@ class TaskBatches:
 
     LENGTHS = (256, 512, 1024)
 
-    def __init__(self, tokens_per_step: int, seed: int = 0, prompt_pad: int = 24):
-        self.budget, self.seed, self.prompt_pad = tokens_per_step, seed, prompt_pad
+    def __init__(self, tokens_per_step: int, seed: int = 0, prompt_pad: int = 24, split: float = 0.5):
+        self.budget, self.seed, self.prompt_pad, self.split = tokens_per_step, seed, prompt_pad, split
         self.ids = {w: i for i, w in enumerate(SPECIALS + WORDS)}
 
     def encode(self, words: list[str]) -> list[int]:
@@ -172,10 +176,19 @@ class TaskBatches:
             task = rng.choice(sorted(TASKS))
             ex = TASKS[task](rng, canvas - 1)
             head = self.prompt_ids(ex)
+            answer = self.encode(ex.answer)
+            if rng.random() < self.split:
+                # A continuation row: the answer's first j tokens are given, like the prompt, and only the rest is
+                # noised. Uniform masking of whole answers almost never shows the model a visible left part with
+                # everything right of it masked, yet that is what every semi-autoregressive block decodes from;
+                # without these rows the model learned to count from the EOS boundary on the right, and read
+                # neither the prompt nor the numbers left of a position.
+                j = rng.randint(1, len(answer))
+                head, answer = head + answer[:j], answer[j:]
             # Rows start with the prompt exactly as a request does (no left padding: a model trained behind EOS
             # pads meets prompts without them at inference); a shorter prompt gets a longer EOS fill instead.
             fill = self.prompt_pad + canvas - len(head)
-            body = (self.encode(ex.answer) + [EOS] * fill)[:fill]
+            body = (answer + [EOS] * fill)[:fill]
             rows.append(head + body)
             regions.append([False] * len(head) + [True] * fill)
         return torch.tensor(rows), torch.tensor(regions)

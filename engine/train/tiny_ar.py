@@ -90,7 +90,7 @@ def run_task(out: Path, work: Path, steps: int, seed: int = 0) -> dict:
 
     tok_dir = work / "tokenizer"
     tk.write_tokenizer(tok_dir)  # the task vocabulary is fixed: the same ids as tiny-task's
-    ids, region = tk.TaskBatches(TOKENS_PER_STEP, seed=4242)(0)
+    ids, region = tk.TaskBatches(TOKENS_PER_STEP, seed=4242, split=0.0)(0)
 
     @torch.no_grad()
     def evaluate(model) -> dict:
@@ -99,7 +99,8 @@ def run_task(out: Path, work: Path, steps: int, seed: int = 0) -> dict:
     card = CardText(title="tiny-task-ar", of="tiny-task", data="The same synthetic tasks as tiny-task's "
                     "(engine/train/task_data.py), drawn afresh every step.",
                     command=f"diffuserve train task-ar --out {out} --steps {steps}")
-    return _train(out, work, steps, seed, tk.TaskBatches(TOKENS_PER_STEP, seed=seed), evaluate, tok_dir, True, card)
+    batches = tk.TaskBatches(TOKENS_PER_STEP, seed=seed, split=0.0)  # causal: every answer token is in the loss
+    return _train(out, work, steps, seed, batches, evaluate, tok_dir, True, card)
 
 
 def _train(out: Path, work: Path, steps: int, seed: int, batches, evaluate, tokenizer_dir: Path, task: bool,

@@ -30,7 +30,7 @@ def task_spec() -> ModelSpec:
 def make_eval(seed: int = 4242):
     """Masked-token accuracy at half masking on held-out rows: a cheap progress signal (bench.quality is the
     real evaluation: it decodes answers and checks them)."""
-    batches = tk.TaskBatches(TOKENS_PER_STEP, seed=seed)
+    batches = tk.TaskBatches(TOKENS_PER_STEP, seed=seed, split=0.0)  # whole answers, comparable across designs
     ids, region = batches(0)
     g = torch.Generator().manual_seed(seed)
     masked = (torch.rand(ids.shape, generator=g) < 0.5) & region
