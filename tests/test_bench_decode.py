@@ -44,3 +44,19 @@ def test_the_table_has_a_line_per_row(results):
 def test_guided_is_skipped_without_a_verifier():
     assert decode.options_for("random-100m", "guided", 64) is None
     assert decode.options_for("tiny-text", "freecache", 64).threshold == 0.9
+
+
+def test_sweep_measures_each_setting_and_fewer_active_tokens_compute_fewer_rows():
+    from bench import sweep
+
+    grid = sweep.settings([16], [2, 8], [8], gen=24)
+    assert [(o.window_tokens, o.active_tokens, o.refresh_cycle) for o in grid] == [(16, 2, 8), (16, 8, 8)]
+    rows = sweep.sweep("tiny-text", grid, batch=2, rounds=1, n=1, out=open("/dev/null", "w"))
+    by_a = {d["A"]: d for d in rows}
+    assert set(by_a) == {2, 8}
+    for d in rows:
+        assert d["c1_tok_s"] > 0 and abs(d["ratio"] - d["c2_tok_s"] / d["c1_tok_s"]) < 0.01
+        assert 0 <= d["agreement"] <= 1 and d["elbo"] > 0
+    assert by_a[2]["rows_per_token"] < by_a[8]["rows_per_token"]
+    assert [d["c2_tok_s"] for d in rows] == sorted((d["c2_tok_s"] for d in rows), reverse=True)
+    assert sweep.table(rows).count("\n") == len(rows) + 1
