@@ -17,6 +17,7 @@ from engine.train import task_data as tk
 pytestmark = pytest.mark.skipif("tiny-task" not in bundled_names(), reason="tiny-task is not in this checkout")
 ROOT = Path(__file__).resolve().parents[1]
 VANILLA = DecodeOptions(gen_length=256, steps=256, block_length=32)
+PROMPT_41 = " ".join(["count", "down", "from", *tk.num(41)])  # "count down from h0 t4 u1"
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,8 @@ def test_the_window_serving_mode_answers_too(llm):
 
 def test_diffuserve_generate_answers_a_task_prompt():
     out = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", "tiny-task", "--chat", "--prompt",
-                          "count down from 0 4 1", "--gen-length", "256", "--steps", "256", "--block-length",
+                          PROMPT_41, "--gen-length", "256", "--steps", "256", "--block-length",
                           "32", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
     data = json.loads(out.strip().splitlines()[-1])
-    assert tk.check_count("count down from 0 4 1".split(), data["text"].split()), data["text"]
+    assert tk.check_count(PROMPT_41.split(), data["text"].split()), data["text"]
     assert data["finish_reason"] == "stop"

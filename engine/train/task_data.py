@@ -1,25 +1,28 @@
 """tiny-task's synthetic tasks: long answers with exact checkers.
 
 Every task is a chat turn (user: an instruction ending in a number; assistant: the answer, then EOS to the end of
-the canvas). Tokens are words of a fixed vocabulary, digits are single tokens, and every number is written with
-exactly three digits ("007"), so the same digit of consecutive numbers sits at a fixed distance and counting is a
-local rule between neighbours. Both tasks count DOWN from the prompt's number to 000, and the chat template puts
-exactly one token (<|assistant|>) between that number and the answer, where a comma sits between two numbers: the
-answer's first number then follows from the prompt by the very rule that links every later number to the one
-before it, and the end (after 000) is local too.
+the canvas). Tokens are words of a fixed vocabulary. A number is three place tokens, hundreds, tens and units:
+47 is "h0 t4 u7". Both tasks count DOWN from the prompt's number to "h0 t0 u0", and the chat template puts exactly
+one token (<|assistant|>) between that number and the answer, where a comma sits between two numbers: the answer's
+first number follows from the prompt by the very rule that links every later number to the one before it, and the
+end (after zero) is local too.
 
-Earlier designs taught us why (docs in the issue notes): with variable-width numbers the first model misaligned
-carries; with one token per number a second sat near chance on counting; with "count from A to B" a third learned
-counting but never learned to read A or B from the prompt (0/40 first numbers right after 2,000 steps): that
-signal is a few tokens per example, against a local rule that predicts everything else. Probing the fourth design
-(this one, trained on whole answers only) showed why: with the numbers left of a position visible and everything
-right of it masked, it predicted the next number 0 of 30 times; it had learned to count from the EOS boundary on
-the right, which uniform masking nearly always leaves partly visible and semi-autoregressive decoding never does.
-So half the rows are continuations (`TaskBatches.split`): a random prefix of the answer is given with the prompt.
+Why place tokens: each digit of the next number is then the nearest token of its own place to the left (units one
+less, a borrow when the units were u0), a lookup by content, where plain digits "0 4 7" made it the digit exactly
+four positions back among other digits, a sharp positional pattern the small model had not formed after 2,500
+steps (it then copied the nearest digit of any place).
 
-- `count` (deterministic): "count down from A" -> "A-1 , A-2 , ... , 000". One right answer.
+Earlier designs and what they taught us (details in the issue notes): with variable-width numbers the first model
+misaligned carries; with one token per number a second sat near chance on counting; with "count from A to B" a third
+never learned to read A or B from the prompt. Probing the fourth, trained on whole answers only: with the numbers
+left of a position visible and everything right of it masked, it predicted the next number 0 of 30 times; it filled
+gaps between visible numbers and counted from the EOS boundary on the right, which uniform masking nearly always
+leaves partly visible and semi-autoregressive decoding never does. So half the rows are continuations
+(`TaskBatches.split`): a random prefix of the answer is given with the prompt, and only the rest is noised.
+
+- `count` (deterministic): "count down from A" -> "A-1 , A-2 , ... , 0". One right answer.
 - `sentences` (many answers): "write sentences down from N" -> N sentences "k : DET ADJ NOUN VERB ADV ." numbered
-  N-1 down to 000, with any words of each category; valid when every sentence parses and the numbering is right.
+  N-1 down to 0, with any words of each category; valid when every sentence parses and the numbering is right.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ GRAMMAR = {
 }
 PATTERN = ["DET", "ADJ", "NOUN", "VERB", "ADV", "."]
 MAX_NUMBER = 999
-WORDS = (list("0123456789") + [",", ".", ":", "count", "down", "from", "write", "sentences"]
+PLACES = "htu"  # hundreds, tens, units
+WORDS = ([f"{p}{d}" for p in PLACES for d in range(10)] + [",", ".", ":", "count", "down", "from", "write", "sentences"]
          + sorted({w for ws in GRAMMAR.values() for w in ws}))
 # No end-of-turn token: <|assistant|> alone separates the prompt's last number from the answer (see above).
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
@@ -48,14 +52,17 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
 
 
 def num(n: int) -> list[str]:
-    """A number as its three digit tokens."""
+    """A number as its three place tokens: 47 -> ["h0", "t4", "u7"]."""
     if not 0 <= n <= MAX_NUMBER:
         raise ValueError(f"{n} is outside 0..{MAX_NUMBER}")
-    return list(f"{n:03d}")
+    return [f"{p}{d}" for p, d in zip(PLACES, f"{n:03d}")]
 
 
-def value(digits: list[str]) -> int:
-    return int("".join(digits))
+def value(places: list[str]) -> int:
+    """The inverse of num(); a malformed number is -1 (never a valid count)."""
+    if len(places) != 3 or any(len(w) != 2 or w[0] != p or not w[1].isdigit() for w, p in zip(places, PLACES)):
+        return -1
+    return int("".join(w[1] for w in places))
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,8 @@ TASKS = {"count": make_count, "sentences": make_sentences}
 
 def check_count(prompt: list[str], answer: list[str]) -> bool:
     """Exact match with the one right answer."""
+    if value(prompt[3:6]) < 1:
+        return False
     want = []
     for v in range(value(prompt[3:6]) - 1, -1, -1):
         want += num(v) + [","]

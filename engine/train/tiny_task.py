@@ -68,12 +68,13 @@ def run(out: Path, work: Path, steps: int, seed: int = 0) -> dict:
 
 
 DATA_NOTE = ("Synthetic chat tasks generated on the fly (`engine/train/task_data.py`), a fresh draw every step; the "
-             "held-out set is a separately seeded draw. Numbers are written as three digit tokens (\"0 4 7\"). "
-             "`count` (deterministic, exact match): \"count down from A\" -> \"A-1 , A-2 , ... , 000\", 5 to 256 "
+             "held-out set is a separately seeded draw. Numbers are three place tokens (47 is \"h0 t4 u7\"). "
+             "`count` (deterministic, exact match): \"count down from A\" -> \"A-1 , A-2 , ... , 0\", 5 to 256 "
              "numbers. `sentences` (many valid answers, checked by a parser): \"write sentences down from N\" -> N "
-             "sentences \"k : DET ADJ NOUN VERB ADV .\" numbered N-1 down to 000, with any words of each category. "
+             "sentences \"k : DET ADJ NOUN VERB ADV .\" numbered N-1 down to 0, with any words of each category. "
              "Answers are mostly 127 to 1023 tokens (15% shorter), then EOS to the end of a 256, 512 or "
-             "1024-position canvas; the loss covers the answer and its EOS fill, never the prompt.")
+             "1024-position canvas. Half the rows are continuations: a random prefix of the answer is given with the "
+             "prompt. The loss covers the rest of the answer and its EOS fill, never the prompt or a given prefix.")
 
 QUALITY_COMMAND = "python -m bench.quality --model tiny-task --method vanilla --block-length 32 --n 40 --json"
 
