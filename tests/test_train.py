@@ -71,6 +71,9 @@ def test_task_checkers_accept_the_generated_answers_and_reject_corruptions():
             bad = list(ex.answer)
             bad[len(bad) // 2] = "count"  # a word no answer may hold anywhere
             assert not tk.CHECKERS[name](ex.prompt, bad)
+    assert tk.num(47) == ["h0", "t4", "u7"] and tk.value(tk.num(903)) == 903
+    assert tk.value(["h0", "u4", "t7"]) == -1 and tk.value(["0", "4", "7"]) == -1  # places out of order, plain digits
+    assert not tk.check_count(["count", "down", "from", "0", "4", "7"], [])  # a malformed prompt has no right answer
 
 
 def test_task_rows_start_with_the_prompt_and_continuation_rows_give_an_answer_prefix():
