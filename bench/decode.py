@@ -167,12 +167,9 @@ def run_engine(llm, opts: DecodeOptions, group, row: Row) -> None:
     from engine.runner import ModelRunner
     from engine.scheduler import Limits, Scheduler
 
-    # A pool just big enough for this group (pages rounded up per request): zero-filling a fixed 2 GiB pool took
-    # about a second per call, and a sweep's many engines held many of them until the cycle collector ran.
-    s = llm.model.spec
-    per_slot = 2 * s.num_layers * s.num_kv_heads * s.head_dim * llm.model.dtype.itemsize
-    slots = sum(len(ids) + opts.gen_length + 32 for ids, _ in group) + 32
-    pool = KVPool.for_model(llm.model, per_slot * slots)
+    # A pool just big enough for this group: zero-filling a fixed 2 GiB pool took about a second per call, and a
+    # sweep's many engines held many of them until the cycle collector ran.
+    pool = KVPool.for_requests(llm.model, [len(ids) + opts.gen_length for ids, _ in group])
     engine = Engine(llm.model, Scheduler(Limits(), pool), ModelRunner(llm.model, pool))
     reqs, left, done = [], [len(group)], threading.Event()
     texts, tokens = defaultdict(str), {}
@@ -200,7 +197,7 @@ def run_engine(llm, opts: DecodeOptions, group, row: Row) -> None:
     for r, (_, ex) in zip(reqs, group):
         assert r.phase.value == "finished", (r.request_id, r.phase)
         tally(row, tokens[r.request_id], texts[r.request_id], ex)
-    assert pool.free_pages and len(pool.free_pages) == pool.total_pages - 1, "a finished request kept KV pages"
+    assert pool.pages_in_use == 0, "a finished request kept KV pages"
 
 
 def options_for(model: str, method: str, gen: int) -> DecodeOptions | None:

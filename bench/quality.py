@@ -25,6 +25,11 @@ from engine.llm import LLM
 VANILLA = {"llada": "llada", "dream": "dream"}
 
 
+def is_task_model(llm: LLM) -> bool:
+    """tiny-task (or a checkpoint on its vocabulary): scored by the task checkers, not by text agreement."""
+    return llm.tokenizer is not None and "count" in llm.tokenizer.get_vocab()
+
+
 def task_prompts(llm: LLM, n: int):
     from engine.train import task_data as tk
 
@@ -111,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     method = VANILLA[llm.spec.family] if args.method in (None, "vanilla") else args.method
     opts = decoding_options(args)
     t0 = time.monotonic()
-    is_task = llm.tokenizer is not None and "count" in llm.tokenizer.get_vocab()
-    if is_task:
+    if is_task_model(llm):
         scores = eval_task(llm, method, opts, args.n, args.seed, fixed_canvas=args.opt_gen_length is not None)
     else:
         scores = eval_text(llm, method, opts, args.n, args.seed)

@@ -43,12 +43,12 @@ def speed(llm, name: str, opts: DecodeOptions, batch: int) -> tuple[Row, Row]:
 
 
 def quality(llm, opts: DecodeOptions, n: int) -> dict:
-    from bench.quality import eval_task, eval_text
+    from bench.quality import eval_task, eval_text, is_task_model
 
-    is_task = "count" in llm.tokenizer.get_vocab()
-    scores = eval_task(llm, "window", opts, n, 0) if is_task else eval_text(llm, "window", opts, n, 0)
-    if is_task:
+    if is_task_model(llm):
+        scores = eval_task(llm, "window", opts, n, 0)
         return {task: row.get("exact_match", row.get("validity")) for task, row in scores["tasks"].items()}
+    scores = eval_text(llm, "window", opts, n, 0)
     return {"agreement": scores["agreement_with_vanilla"], "elbo": scores["elbo_nats_per_token"]}
 
 

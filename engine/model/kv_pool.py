@@ -44,7 +44,17 @@ class KVPool:
     def for_model(cls, model, budget_bytes: int, page_size: int = 16) -> "KVPool":
         s = model.spec
         per_page = 2 * s.num_layers * s.num_kv_heads * page_size * s.head_dim * model.dtype.itemsize
-        pages = max(2, budget_bytes // per_page)
+        return cls._of(model, max(2, budget_bytes // per_page), page_size)
+
+    @classmethod
+    def for_requests(cls, model, capacities: list[int], page_size: int = 16) -> "KVPool":
+        """Exactly enough pages to hold these requests at once, plus the scratch page (benchmarks: zero-filling a
+        fixed large pool per run costs more than the run)."""
+        return cls._of(model, 1 + sum(-(-c // page_size) for c in capacities), page_size)
+
+    @classmethod
+    def _of(cls, model, pages: int, page_size: int) -> "KVPool":
+        s = model.spec
         return cls(s.num_layers, s.num_kv_heads, s.head_dim, pages, page_size, model.dtype, model.device)
 
     def pages_for(self, capacity: int) -> int:

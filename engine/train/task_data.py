@@ -103,10 +103,11 @@ TASKS = {"count": make_count, "sentences": make_sentences}
 
 def check_count(prompt: list[str], answer: list[str]) -> bool:
     """Exact match with the one right answer."""
-    if value(prompt[3:6]) < 1:
+    start = value(prompt[3:6])
+    if start < 1:
         return False
     want = []
-    for v in range(value(prompt[3:6]) - 1, -1, -1):
+    for v in range(start - 1, -1, -1):
         want += num(v) + [","]
     return answer == want[:-1]
 
