@@ -26,6 +26,11 @@ def test_corrupt_masks_only_the_region():
     assert not masked[:, :8].any() and (noisy[:, :8] == ids[:, :8]).all()
     assert (noisy[masked] == 299).all() and (noisy[~masked] == ids[~masked]).all()
     assert ((p > 0) & (p <= 1)).all()
+    floor = torch.zeros(ids.shape)
+    floor[:, 24:] = 1.0  # the "future" right of a block: always masked, whatever t is drawn
+    noisy, masked, p = corrupt(ids, region, 299, torch.Generator().manual_seed(0), t=torch.zeros(4), floor=floor)
+    assert masked[:, 24:].all() and (p[:, 24:] == 1).all() and not masked[:, :8].any()
+    assert masked[:, 8:24].float().mean() < 0.1  # t = 0 elsewhere: almost nothing else is masked
 
 
 def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, capsys):
@@ -82,9 +87,9 @@ def test_task_rows_start_with_the_prompt_and_continuation_rows_give_an_answer_pr
     import random
 
     batches = tk.TaskBatches(0, split=0.5)
-    ids, region = batches.rows(random.Random(1), 256, 64)
+    ids, region, floor = batches.rows(random.Random(1), 256, 64)
     assert ids.shape == region.shape == (64, batches.prompt_pad + 256)
-    split = 0
+    split_rows = []
     for row, reg in zip(ids.tolist(), region.tolist()):
         assert row[:2] == [tk.BOS, tk.USER]
         start = reg.index(True)
@@ -95,10 +100,15 @@ def test_task_rows_start_with_the_prompt_and_continuation_rows_give_an_answer_pr
         task = "count" if prompt[0] == "count" else "sentences"
         assert tk.CHECKERS[task](prompt, rest)  # prefix + region together are one right answer
         assert row[start:].count(tk.EOS) >= 1  # the answer ends inside the canvas
-        split += start > assistant + 1
-    assert 16 < split < 48  # about half are continuation rows
-    whole = tk.TaskBatches(0, split=0.0).rows(random.Random(1), 256, 16)[1]
+        fl = floor[len(split_rows)].tolist()
+        assert not any(fl[:start + 1])  # the prompt, any given prefix and the first noised token have no floor
+        cut = fl.index(1.0) if 1.0 in fl else len(fl)
+        assert all(f == 1.0 for f in fl[cut:]) and (cut == len(fl) or cut - start <= batches.NEAR)  # then masked
+        split_rows.append(cut < len(fl))
+    assert 16 < sum(split_rows) < 48  # about half are continuation rows, shaped like a semi-autoregressive block
+    _, whole, no_floor = tk.TaskBatches(0, split=0.0).rows(random.Random(1), 256, 16)
     assert all(row.tolist().index(True) in (9, 10) for row in whole)  # the region starts right after the prompt
+    assert not no_floor.any()  # whole answers are noised uniformly
 
 
 def test_a_causal_lm_trains_and_resumes_through_the_same_loop(tmp_path):

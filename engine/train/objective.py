@@ -15,19 +15,22 @@ from ..model import DiffusionLM, ForwardBatch
 
 
 def corrupt(ids: torch.Tensor, region: torch.Tensor, mask_id: int, gen: torch.Generator, eps: float = 1e-3,
-            t: torch.Tensor | None = None):
-    """-> (noisy ids, masked flags, per-token mask probability), all [B, L]."""
+            t: torch.Tensor | None = None, floor: torch.Tensor | None = None):
+    """-> (noisy ids, masked flags, per-token mask probability), all [B, L]. floor [B, L]: a per-token minimum
+    mask probability (1 = always masked, e.g. the part of a row right of the block being decoded)."""
     B, L = ids.shape
     if t is None:
         t = torch.rand(B, generator=gen)
     p = ((1 - eps) * t + eps)[:, None].expand(B, L)
+    if floor is not None:
+        p = torch.maximum(p, floor)
     masked = (torch.rand(B, L, generator=gen) < p) & region
     return torch.where(masked, torch.full_like(ids, mask_id), ids), masked, p
 
 
 def masked_diffusion_loss(model: DiffusionLM, ids: torch.Tensor, region: torch.Tensor, gen: torch.Generator,
-                          eps: float = 1e-3) -> torch.Tensor:
-    noisy, masked, p = corrupt(ids, region, model.spec.mask_id, gen, eps)
+                          floor: torch.Tensor | None = None, eps: float = 1e-3) -> torch.Tensor:
+    noisy, masked, p = corrupt(ids, region, model.spec.mask_id, gen, eps, floor=floor)
     pos = torch.arange(ids.shape[1]).expand_as(ids)
     h = model.hidden_states(ForwardBatch(ids=noisy, positions=pos))  # [B, L, H]
     logits = model.lm_head(h[masked])  # [n_masked, V]: unmasked rows never reach the vocabulary projection

@@ -18,7 +18,8 @@ never learned to read A or B from the prompt. Probing the fourth, trained on who
 left of a position visible and everything right of it masked, it predicted the next number 0 of 30 times; it filled
 gaps between visible numbers and counted from the EOS boundary on the right, which uniform masking nearly always
 leaves partly visible and semi-autoregressive decoding never does. So half the rows are continuations
-(`TaskBatches.split`): a random prefix of the answer is given with the prompt, and only the rest is noised.
+(`TaskBatches.split`): a random prefix of the answer is given with the prompt, the next few tokens are noised and
+everything after them is masked, as a semi-autoregressive block sees it.
 
 - `count` (deterministic): "count down from A" -> "A-1 , A-2 , ... , 0". One right answer.
 - `sentences` (many answers): "write sentences down from N" -> N sentences "k : DET ADJ NOUN VERB ADV ." numbered
@@ -154,7 +155,7 @@ def vocab_size() -> int:
 
 
 class TaskBatches:
-    """batch(step) -> (ids [B, L], loss region [B, L]) with a fixed token budget per step.
+    """batch(step) -> (ids, loss region, mask-probability floor), each [B, L], with a fixed token budget per step.
 
     Each step picks one canvas length (TRAIN_CANVASES: 64 to 1024 positions after the prompt, at least the answer
     + 1) so the model learns to end an answer with EOS whatever the canvas size; only the answer (less any given
@@ -168,6 +169,7 @@ class TaskBatches:
     # prefix perfectly in 200 steps of 64-token rows, 0.39 of the time in 400 steps of 512-token rows, and perfectly
     # at 512 when half its steps were 64-token rows (the experiment is in the issue-3 notes).
     TRAIN_CANVASES = (64, 64, 128, 128, 256, 512, 1024)
+    NEAR = 64  # a continuation row noises at most this many tokens after its given prefix (twice a block)
 
     def __init__(self, tokens_per_step: int, seed: int = 0, prompt_pad: int = 24, split: float = 0.5):
         self.budget, self.seed, self.prompt_pad, self.split = tokens_per_step, seed, prompt_pad, split
@@ -185,30 +187,36 @@ class TaskBatches:
         return self.rows(rng, canvas, max(1, self.budget // (self.prompt_pad + canvas)))
 
     def rows(self, rng: random.Random, canvas: int, count: int):
-        """`count` random examples on one canvas -> (ids [count, prompt_pad + canvas], loss region, same shape)."""
+        """`count` random examples on one canvas -> (ids, loss region, mask-probability floor), each
+        [count, prompt_pad + canvas]."""
         import torch
 
-        rows, regions = [], []
+        rows, regions, floors = [], [], []
         for _ in range(count):
             task = rng.choice(sorted(TASKS))
             ex = TASKS[task](rng, canvas - 1)
             head = self.prompt_ids(ex)
             answer = self.encode(ex.answer)
+            near = None
             if rng.random() < self.split:
-                # A continuation row: the answer's first j tokens are given, like the prompt, and only the rest is
-                # noised. Uniform masking of whole answers almost never shows the model a visible left part with
-                # everything right of it masked, yet that is what every semi-autoregressive block decodes from;
-                # without these rows the model learned to count from the EOS boundary on the right, and read
-                # neither the prompt nor the numbers left of a position.
-                j = rng.randint(1, len(answer))
+                # A continuation row, shaped like one step of semi-autoregressive decoding: the answer's first j
+                # tokens are given like the prompt, the next `near` tokens are noised at t, and everything right
+                # of them is masked (floor 1). Uniform masking of whole answers almost never shows the model a
+                # visible left part with everything right of it masked, yet every block decodes from exactly
+                # that; models trained without such rows counted from the EOS boundary on the right and never read
+                # the numbers left of a position (0 of 30 next numbers right with the right side masked).
+                j = rng.randint(0, len(answer))
                 head, answer = head + answer[:j], answer[j:]
+                near = rng.randint(1, self.NEAR)
             # Rows start with the prompt exactly as a request does (no left padding: a model trained behind EOS
             # pads meets prompts without them at inference); a shorter prompt gets a longer EOS fill instead.
             fill = self.prompt_pad + canvas - len(head)
             body = (answer + [EOS] * fill)[:fill]
             rows.append(head + body)
             regions.append([False] * len(head) + [True] * fill)
-        return torch.tensor(rows), torch.tensor(regions)
+            near = fill if near is None else min(near, fill)
+            floors.append([0.0] * (len(head) + near) + [1.0] * (fill - near))
+        return torch.tensor(rows), torch.tensor(regions), torch.tensor(floors)
 
 
 def heldout(n: int, seed: int = 99991, max_answer: int = 1023) -> list[Example]:

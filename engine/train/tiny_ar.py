@@ -52,9 +52,10 @@ def ar_config(task: bool = False):
                        pad_token_id=td.EOS, **size)
 
 
-def causal_loss(model, ids: torch.Tensor, region: torch.Tensor, gen=None) -> torch.Tensor:
+def causal_loss(model, ids: torch.Tensor, region: torch.Tensor, gen=None, floor=None) -> torch.Tensor:
     """Mean next-token cross-entropy over region targets; a chat row's EOS fill after its first EOS is left out
-    (predicting EOS after EOS teaches nothing and would swamp the answer tokens)."""
+    (predicting EOS after EOS teaches nothing and would swamp the answer tokens). gen and floor (a diffusion
+    batch's masking inputs) mean nothing to a causal LM, which only ever sees the left."""
     logits = model(input_ids=ids).logits[:, :-1]  # [B, L-1, V]: position i predicts token i+1
     target = ids[:, 1:]
     keep = region[:, 1:] & ~((ids[:, :-1] == td.EOS) & (target == td.EOS))
@@ -90,7 +91,7 @@ def run_task(out: Path, work: Path, steps: int, seed: int = 0) -> dict:
 
     tok_dir = work / "tokenizer"
     tk.write_tokenizer(tok_dir)  # the task vocabulary is fixed: the same ids as tiny-task's
-    ids, region = tk.TaskBatches(TOKENS_PER_STEP, seed=4242, split=0.0)(0)
+    ids, region, _ = tk.TaskBatches(TOKENS_PER_STEP, seed=4242, split=0.0)(0)
 
     @torch.no_grad()
     def evaluate(model) -> dict:

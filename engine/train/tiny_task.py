@@ -31,7 +31,7 @@ def make_eval(seed: int = 4242):
     """Masked-token accuracy at half masking on held-out rows: a cheap progress signal (bench.quality is the
     real evaluation: it decodes answers and checks them)."""
     batches = tk.TaskBatches(TOKENS_PER_STEP, seed=seed, split=0.0)  # whole answers, comparable across designs
-    ids, region = batches(0)
+    ids, region, _ = batches(0)
     g = torch.Generator().manual_seed(seed)
     masked = (torch.rand(ids.shape, generator=g) < 0.5) & region
     noisy = torch.where(masked, torch.full_like(ids, tk.MASK), ids)
@@ -72,8 +72,10 @@ DATA_NOTE = ("Synthetic chat tasks generated on the fly (`engine/train/task_data
              "`count` (deterministic, exact match): \"count down from A\" -> \"A-1 , A-2 , ... , 0\", 5 to 256 "
              "numbers. `sentences` (many valid answers, checked by a parser): \"write sentences down from N\" -> N "
              "sentences \"k : DET ADJ NOUN VERB ADV .\" numbered N-1 down to 0, with any words of each category. "
-             "Answers are mostly 127 to 1023 tokens (15% shorter), then EOS to the end of a 256, 512 or "
-             "1024-position canvas. Half the rows are continuations: a random prefix of the answer is given with the "
+             "Each training step draws one canvas of 64, 128, 256, 512 or 1024 positions (4 steps in 7 are 64 or 128: "
+             "long rows alone did not teach the local counting rule); answers fill most of it (15% shorter), then "
+             "EOS to its end. Held-out answers are 127 to 1023 tokens on 256, 512 or 1024-position canvases. Half "
+             "the rows are continuations: a random prefix of the answer is given with the "
              "prompt. The loss covers the rest of the answer and its EOS fill, never the prompt or a given prefix.")
 
 QUALITY_COMMAND = "python -m bench.quality --model tiny-task --method vanilla --block-length 32 --n 40 --json"

@@ -96,7 +96,8 @@ def train(model: DiffusionLM, batch_fn: Callable[[int], tuple[torch.Tensor, torc
     """Train to cfg.steps, resuming from `ckpt` if it holds a checkpoint. Returns the log (loss, evals).
     autocast_bf16 runs matmuls in bf16 (float32 master weights): about 2x faster on CPUs with AVX512-BF16.
     until: stop (with a checkpoint) after this step, as an interrupted run would; a later call resumes.
-    loss_fn(model, ids, region, generator): the objective, masked diffusion by default (any nn.Module trains)."""
+    loss_fn(model, ids, region, generator, *extra): the objective, masked diffusion by default (any nn.Module
+    trains); batch_fn returns (ids, region, *extra), e.g. a per-token mask-probability floor."""
     loss_fn = loss_fn or masked_diffusion_loss
     out = out or sys.stderr
     model.train()
@@ -107,12 +108,12 @@ def train(model: DiffusionLM, batch_fn: Callable[[int], tuple[torch.Tensor, torc
     t0, tokens, ema = time.monotonic(), 0, None
     last = cfg.steps if until is None else min(until, cfg.steps)
     while step < last:
-        ids, region = batch_fn(step)
+        ids, region, *extra = batch_fn(step)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
-            loss = loss_fn(model, ids, region, gen)
+            loss = loss_fn(model, ids, region, gen, *extra)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
