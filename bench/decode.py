@@ -99,14 +99,16 @@ def load(name: str):
     return LLM(name)
 
 
-def prompts_for(llm, name: str, n: int, batch: int) -> list[tuple[list[int], object]]:
-    """n prompts (with their task example on tiny-task), in groups of `batch` with equal token lengths."""
+def prompts_for(llm, name: str, n: int, batch: int, gen: int = 1024) -> list[tuple[list[int], object]]:
+    """n prompts (with their task example on tiny-task), in groups of `batch` with equal token lengths. On tiny-task
+    only examples whose answer and one EOS fit `gen` positions: a longer one cannot be right on that canvas."""
     if name == "tiny-task":
         from bench.quality import task_prompts
 
         by_len = defaultdict(list)
         for ex, ids in task_prompts(llm, 40 * max(n, batch)):
-            by_len[len(ids)].append((ids, ex))
+            if len(ex.answer) < gen:
+                by_len[len(ids)].append((ids, ex))
         groups = sorted(by_len.values(), key=len, reverse=True)
         out = []
         for g in groups:  # whole groups of `batch` from the commonest lengths, alternating tasks within each
@@ -216,7 +218,7 @@ def bench(models, lengths, batches, methods, n, out=sys.stderr) -> list[dict]:
         llm = load(name)
         for gen in lengths:
             for batch in batches:
-                group_prompts = prompts_for(llm, name, n, batch)
+                group_prompts = prompts_for(llm, name, n, batch, gen)
                 longest = max(len(ids) for ids, _ in group_prompts)
                 if longest + gen > llm.spec.max_positions:
                     print(f"{name} gen {gen}: skipped (prompt + {gen} > {llm.spec.max_positions} positions)",
