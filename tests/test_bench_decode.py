@@ -60,3 +60,16 @@ def test_sweep_measures_each_setting_and_fewer_active_tokens_compute_fewer_rows(
     assert by_a[2]["rows_per_token"] < by_a[8]["rows_per_token"]
     assert [d["c2_tok_s"] for d in rows] == sorted((d["c2_tok_s"] for d in rows), reverse=True)
     assert sweep.table(rows).count("\n") == len(rows) + 1
+
+
+def test_vanilla_extrapolation_reports_the_full_runs_forwards_and_rows(monkeypatch):
+    """--vanilla-forwards on the random-weight model: fewer whole-block steps are timed and scaled to the full step
+    count, which is exact for forwards and rows because every vanilla forward computes the whole canvas."""
+    small = dict(decode.RANDOM_100M, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
+    monkeypatch.setattr(decode, "RANDOM_100M", small)
+    full, cut = (decode.bench(["random-100m"], [64], [1], ["vanilla"], n=1, out=open("/dev/null", "w"),
+                              vanilla_forwards=k)[0] for k in (0, 8))
+    assert full["extrapolated_from"] == 0 and cut["extrapolated_from"] == 8  # 2 blocks of 32: 4 steps each
+    assert cut["forward_passes"] == full["forward_passes"] == 64
+    assert cut["query_rows"] == full["query_rows"] == 64 * (32 + 64)
+    assert "(timed 8 per group, scaled)" in decode.table([cut])
