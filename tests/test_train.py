@@ -134,3 +134,10 @@ def test_a_causal_lm_trains_and_resumes_through_the_same_loop(tmp_path):
     train(resumed, lambda s: fixed, tc, tmp_path / "b", loss_fn=causal_loss)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_the_heldout_set_is_fixed_long_and_alternates_tasks():
+    a, b = tk.heldout(20), tk.heldout(20)
+    assert a == b  # seeded: every method is scored on the same examples
+    assert [ex.task for ex in a] == ["count", "sentences"] * 10
+    assert all(128 <= len(ex.answer) <= 1023 and tk.CHECKERS[ex.task](ex.prompt, ex.answer) for ex in a)
