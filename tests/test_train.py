@@ -141,3 +141,31 @@ def test_the_heldout_set_is_fixed_long_and_alternates_tasks():
     assert a == b  # seeded: every method is scored on the same examples
     assert [ex.task for ex in a] == ["count", "sentences"] * 10
     assert all(128 <= len(ex.answer) <= 1023 and tk.CHECKERS[ex.task](ex.prompt, ex.answer) for ex in a)
+
+
+def test_cut_rows_end_mid_answer_and_training_lengths_do_not_follow_the_canvas():
+    """Cut rows (a pruned window's view): prompt, a given prefix of a right answer, then a noised part and an
+    always-masked tail, and no EOS: the row's end is not the answer's end. Training answer lengths are uniform up
+    to what the canvas holds, so the number of masks does not tell the model the length."""
+    import random
+
+    batches = tk.TaskBatches(0, split=0.5)
+    ids, region, floor = batches.rows(random.Random(2), 128, 32, cut=True)
+    words = tk.SPECIALS + tk.WORDS
+    for row, reg, fl in zip(ids.tolist(), region.tolist(), floor.tolist()):
+        assert tk.EOS not in row and row[:2] == [tk.BOS, tk.USER]
+        start = reg.index(True)
+        assert all(reg[start:]) and 0 < len(row) - start <= batches.NEAR + batches.FAR
+        assert not any(fl[:start + 1]) and fl == sorted(fl)  # no floor, then (maybe) floor 1 to the end
+        text = [words[i] for i in row]
+        a = text.index("<|assistant|>")
+        prompt, answer = text[2:a], text[a + 1:]
+        n = tk.value(prompt[3:6] if prompt[0] == "count" else prompt[4:7])
+        if prompt[0] == "count":
+            want = [w for v in range(n - 1, -1, -1) for w in tk.num(v) + [","]][:-1]
+            assert answer == want[:len(answer)] and len(answer) < len(want)
+        else:
+            assert answer[:3] == tk.num(n - 1) and len(answer) < n * tk.SENTENCE
+    rng = random.Random(0)
+    counts = {len(tk.make_count(rng, 127, uniform=True).answer) for _ in range(200)}
+    assert min(counts) < 40 and max(counts) == 127 and len(counts) > 15

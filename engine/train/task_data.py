@@ -44,6 +44,7 @@ GRAMMAR = {
 }
 PATTERN = ["DET", "ADJ", "NOUN", "VERB", "ADV", "."]
 MAX_NUMBER = 999
+MAX_ANSWER = 1023  # tokens: the longest answer any task writes (1024-position canvases)
 PLACES = "htu"  # hundreds, tens, units
 WORDS = ([f"{p}{d}" for p in PLACES for d in range(10)] + [",", ".", ":", "count", "down", "from", "write", "sentences"]
          + sorted({w for ws in GRAMMAR.values() for w in ws}))
@@ -73,9 +74,14 @@ class Example:
     answer: list[str]  # one valid answer (the only one for deterministic tasks)
 
 
-def _length(rng: random.Random, lo: int, hi: int, short: int) -> int:
+def _length(rng: random.Random, lo: int, hi: int, short: int, uniform: bool = False) -> int:
     """Item counts: mostly lo..hi, some shorter so short requests end cleanly too (and at most hi on a canvas too
-    small for lo)."""
+    small for lo). uniform (training): any of short..hi alike, so that the canvas size says nothing about the answer's
+    length beyond bounding it; with "mostly lo..hi" the model read the length off the number of masks (a 128-canvas
+    row was nearly always 32 numbers) instead of off the prompt, and a pruned window, which shows few masks, then
+    got very short answers."""
+    if uniform:
+        return rng.randint(short, hi)
     return rng.randint(short, min(lo - 1, hi)) if rng.random() < 0.15 or hi < lo else rng.randint(lo, hi)
 
 
@@ -83,16 +89,17 @@ NUMBER = 4  # tokens per counted number: three digits and a comma
 SENTENCE = 4 + len(PATTERN)  # "d d d :" then the pattern (its last word is ".")
 
 
-def make_count(rng: random.Random, max_answer: int) -> Example:
-    n = _length(rng, 32, min(256, (max_answer + 1) // NUMBER), short=5)  # n numbers, 4n - 1 tokens: 127..1023
+def make_count(rng: random.Random, max_answer: int, uniform: bool = False) -> Example:
+    # n numbers, 4n - 1 tokens: 127..1023
+    n = _length(rng, 32, min(256, (max_answer + 1) // NUMBER), short=5, uniform=uniform)
     answer = []
     for v in range(n - 1, -1, -1):
         answer += num(v) + ([","] if v else [])
     return Example("count", ["count", "down", "from", *num(n)], answer)
 
 
-def make_sentences(rng: random.Random, max_answer: int) -> Example:
-    n = _length(rng, 13, min(102, max_answer // SENTENCE), short=3)  # 10n tokens: 130..1020
+def make_sentences(rng: random.Random, max_answer: int, uniform: bool = False) -> Example:
+    n = _length(rng, 13, min(102, max_answer // SENTENCE), short=3, uniform=uniform)  # 10n tokens: 130..1020
     answer = []
     for k in range(n - 1, -1, -1):
         answer += num(k) + [":"] + [w if w == "." else rng.choice(GRAMMAR[w]) for w in PATTERN]
@@ -170,6 +177,8 @@ class TaskBatches:
     # at 512 when half its steps were 64-token rows (the experiment is in the issue-3 notes).
     TRAIN_CANVASES = (64, 64, 128, 128, 256, 512, 1024)
     NEAR = 64  # a continuation row noises at most this many tokens after its given prefix (twice a block)
+    CUT_STEPS = 0.25  # steps whose continuation rows end mid-answer, as a pruned window shows it (canvas <= 512)
+    FAR = 64  # a cut row's always-masked tail after its noised tokens: at most this long
 
     def __init__(self, tokens_per_step: int, seed: int = 0, prompt_pad: int = 24, split: float = 0.5):
         self.budget, self.seed, self.prompt_pad, self.split = tokens_per_step, seed, prompt_pad, split
@@ -184,17 +193,25 @@ class TaskBatches:
     def __call__(self, step: int):
         rng = random.Random(self.seed * 104_729 + step)
         canvas = rng.choice(self.TRAIN_CANVASES)
-        return self.rows(rng, canvas, max(1, self.budget // (self.prompt_pad + canvas)))
+        cut = self.split > 0 and rng.random() < self.CUT_STEPS
+        canvas = min(canvas, 512) if cut else canvas  # no answer is longer than 1023 tokens: a cut row needs more
+        return self.rows(rng, canvas, max(1, self.budget // (self.prompt_pad + canvas)), cut=cut)
 
-    def rows(self, rng: random.Random, canvas: int, count: int):
+    def rows(self, rng: random.Random, canvas: int, count: int, cut: bool = False):
         """`count` random examples on one canvas -> (ids, loss region, mask-probability floor), each
-        [count, prompt_pad + canvas]."""
+        [count, prompt_pad + canvas]. cut: every row is a continuation that ends mid-answer (`cut_row`)."""
         import torch
 
         rows, regions, floors = [], [], []
         for _ in range(count):
             task = rng.choice(sorted(TASKS))
-            ex = TASKS[task](rng, canvas - 1)
+            if cut:
+                row, region, floor = self.cut_row(rng, task, self.prompt_pad + canvas)
+                rows.append(row)
+                regions.append(region)
+                floors.append(floor)
+                continue
+            ex = TASKS[task](rng, canvas - 1, uniform=True)
             head = self.prompt_ids(ex)
             answer = self.encode(ex.answer)
             near = None
@@ -219,6 +236,22 @@ class TaskBatches:
             near = fill if near is None else min(near, fill)
             floors.append([0.0] * (len(head) + near) + [1.0] * (fill - near))
         return torch.tensor(rows), torch.tensor(regions), torch.tensor(floors)
+
+    def cut_row(self, rng: random.Random, task: str, length: int) -> tuple[list[int], list[bool], list[float]]:
+        """A continuation row that stops mid-answer, as a pruned window shows a request: the prompt, a given prefix,
+        up to NEAR noised tokens, up to FAR always-masked ones, and nothing after them (no EOS fill: the answer goes
+        on). So the row's end is not the answer's end, and how long the answer is can only come from the prompt."""
+        while True:  # an answer longer than the row
+            ex = TASKS[task](rng, MAX_ANSWER, uniform=True)
+            head, answer = self.prompt_ids(ex), self.encode(ex.answer)
+            if len(head) + len(answer) > length:
+                break
+        room = length - len(head)
+        near = rng.randint(1, min(self.NEAR, room))
+        far = rng.randint(0, min(self.FAR, room - near))
+        j = room - near - far  # the given prefix fills the rest
+        return (head + answer[: length - len(head)], [False] * (len(head) + j) + [True] * (near + far),
+                [0.0] * (len(head) + j + near) + [1.0] * far)
 
 
 def heldout(n: int, seed: int = 99991, max_answer: int = 1023, min_answer: int = 128) -> list[Example]:
