@@ -73,12 +73,14 @@ DATA_NOTE = ("Synthetic chat tasks generated on the fly (`engine/train/task_data
              "numbers. `sentences` (many valid answers, checked by a parser): \"write sentences down from N\" -> N "
              "sentences \"k : DET ADJ NOUN VERB ADV .\" numbered N-1 down to 0, with any words of each category. "
              "Each training step draws one canvas of 64, 128, 256, 512 or 1024 positions (4 steps in 7 are 64 or 128: "
-             "long rows alone did not teach the local counting rule); answers fill most of it (15% shorter), then "
-             "EOS to its end. Held-out answers are 128 to 1023 tokens (shorter draws are skipped) on 256, 512 or "
-             "1024-position canvases. Half the rows are continuations shaped like one semi-autoregressive step: a "
-             "random prefix of the answer is given with the prompt, up to 64 tokens after it are noised and the "
-             "rest is always masked. The loss covers the answer (less any given prefix) and its EOS fill, never "
-             "the prompt.")
+             "long rows alone did not teach the local counting rule); answer lengths are uniform up to what the "
+             "canvas holds (so the number of masks does not give the length away), then EOS to its end. Half the rows "
+             "are continuations shaped like one semi-autoregressive step: a prefix of the answer is given with the "
+             "prompt (none in a quarter of them), up to 64 tokens after it are noised and the rest is always masked. "
+             "A quarter of the steps are cut rows, as a pruned window shows a request: the row ends mid-answer, "
+             "with no EOS fill. The loss covers the answer (less any given prefix) and its EOS fill, never the "
+             "prompt. Held-out answers are 128 to 1023 tokens (shorter draws are skipped) on 256, 512 or "
+             "1024-position canvases.")
 
 QUALITY_COMMAND = "python -m bench.quality --model tiny-task --method vanilla --block-length 32 --n 40 --json"
 
