@@ -1,0 +1,36 @@
+"""bench.task_probe scores what it claims: an oracle that counts right gets every probe right, one that ignores the
+prompt gets none, and the canvas probe reports the first number per canvas size."""
+
+from __future__ import annotations
+
+import torch
+
+from bench import task_probe
+from engine.train import task_data as tk
+
+
+class Oracle:
+    """Logits one-hot on the right count answer for the prompt in the row (or on one fixed token: `blind`)."""
+
+    def __init__(self, blind: bool = False):
+        self.blind = blind
+
+    def forward(self, fb):
+        row = fb.ids[0].tolist()
+        words = [(tk.SPECIALS + tk.WORDS)[i] for i in row]
+        start = tk.value(words[5:8])  # <bos> <user> count down from h t u <assistant>
+        want = [w for v in range(start - 1, -1, -1) for w in tk.num(v) + [","]][:-1]
+        ids = tk.TaskBatches(0).encode(words[:9] + want) + [tk.EOS] * len(row)
+        target = torch.tensor(ids[:len(row)])
+        if self.blind:
+            target = torch.full_like(target, tk.EOS)
+        return torch.nn.functional.one_hot(target, tk.vocab_size()).float()[None]  # [1, L, V]
+
+
+def test_an_oracle_passes_every_probe_and_a_blind_model_none():
+    assert task_probe.next_number(Oracle(), 12, first=False) == 12
+    assert task_probe.next_number(Oracle(), 12, first=True) == 12
+    assert task_probe.next_number(Oracle(blind=True), 12, first=False) == 0
+    cue = task_probe.canvas_cue(Oracle(), starts=(45, 206))
+    assert cue == {s: {c: s - 1 for c in task_probe.CANVASES} for s in (45, 206)}
+    assert set(task_probe.canvas_cue(Oracle(blind=True), starts=(45,))[45].values()) == {-1}
