@@ -47,10 +47,9 @@ def next_number(model, n: int, first: bool, seed: int = 7, canvas: int = 256) ->
 
 def canvas_cue(model, starts=(45, 81, 133, 206)) -> dict[int, dict[int, int]]:
     """start -> {C: the first number predicted with C masks after the prompt} (-1: not a number)."""
-    batches, out = tk.TaskBatches(0, split=0.0), {}
+    batches, out, words = tk.TaskBatches(0, split=0.0), {}, tk.SPECIALS + tk.WORDS
     for start in starts:
         head = batches.prompt_ids(tk.Example("count", ["count", "down", "from", *tk.num(start)], []))
-        words = tk.SPECIALS + tk.WORDS
         out[start] = {c: tk.value([words[t] for t in _argmax_after(model, head + [tk.MASK] * c, len(head))])
                       for c in CANVASES}
     return out

@@ -250,13 +250,13 @@ class TaskBatches:
         near = rng.randint(1, min(self.NEAR, room))
         far = rng.randint(0, min(self.FAR, room - near))
         j = room - near - far  # the given prefix fills the rest
-        return (head + answer[: length - len(head)], [False] * (len(head) + j) + [True] * (near + far),
+        return (head + answer[:room], [False] * (len(head) + j) + [True] * (near + far),
                 [0.0] * (len(head) + j + near) + [1.0] * far)
 
 
 def heldout(n: int, seed: int = 99991, max_answer: int = 1023, min_answer: int = 128) -> list[Example]:
     """A fixed, seeded evaluation set, alternating tasks (disjoint in practice from training draws), of long answers
-    only (at least `min_answer` tokens: the issue's measure; training's shorter 15% are drawn and skipped)."""
+    only (at least `min_answer` tokens: the issue's measure; the draw's shorter 15% are skipped)."""
     rng = random.Random(seed)
     names = sorted(TASKS)
     out: list[Example] = []

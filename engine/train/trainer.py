@@ -90,7 +90,7 @@ def load_state(model: DiffusionLM, opt: torch.optim.AdamW, ckpt: Path) -> tuple[
     return step, state["log"]
 
 
-def train(model: DiffusionLM, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
+def train(model: DiffusionLM, batch_fn: Callable[[int], tuple[torch.Tensor, ...]], cfg: TrainConfig,
           ckpt: Path, evaluate: Callable[[DiffusionLM], dict] | None = None, out=None,
           autocast_bf16: bool = False, until: int | None = None, loss_fn: Callable | None = None) -> list[dict]:
     """Train to cfg.steps, resuming from `ckpt` if it holds a checkpoint. Returns the log (loss, evals).
