@@ -19,7 +19,7 @@ class Oracle:
         row = fb.ids[0].tolist()
         words = [(tk.SPECIALS + tk.WORDS)[i] for i in row]
         start = tk.value(words[5:8])  # <bos> <user> count down from h t u <assistant>
-        want = [w for v in range(start - 1, -1, -1) for w in tk.num(v) + [","]][:-1]
+        want = [w for v in range(start, -1, -1) for w in tk.num(v) + [","]][:-1]
         ids = tk.TaskBatches(0).encode(words[:9] + want) + [tk.EOS] * len(row)
         target = torch.tensor(ids[:len(row)])
         if self.blind:
@@ -32,5 +32,5 @@ def test_an_oracle_passes_every_probe_and_a_blind_model_none():
     assert task_probe.next_number(Oracle(), 12, first=True) == 12
     assert task_probe.next_number(Oracle(blind=True), 12, first=False) == 0
     cue = task_probe.canvas_cue(Oracle(), starts=(45, 206))
-    assert cue == {s: {c: s - 1 for c in task_probe.CANVASES} for s in (45, 206)}
+    assert cue == {s: {c: s for c in task_probe.CANVASES} for s in (45, 206)}
     assert set(task_probe.canvas_cue(Oracle(blind=True), starts=(45,))[45].values()) == {-1}

@@ -72,6 +72,7 @@ def test_task_checkers_accept_the_generated_answers_and_reject_corruptions():
         for _ in range(20):
             ex = make(rng, 1023)
             assert tk.CHECKERS[name](ex.prompt, ex.answer)
+            assert ex.answer[:3] == ex.prompt[-3:]  # the answer begins with the prompt's own number
             assert not tk.CHECKERS[name](ex.prompt, ex.answer[:-1])
             bad = list(ex.answer)
             bad[len(bad) // 2] = "count"  # a word no answer may hold anywhere
@@ -162,10 +163,10 @@ def test_cut_rows_end_mid_answer_and_training_lengths_do_not_follow_the_canvas()
         prompt, answer = text[2:a], text[a + 1:]
         n = tk.value(prompt[3:6] if prompt[0] == "count" else prompt[4:7])
         if prompt[0] == "count":
-            want = [w for v in range(n - 1, -1, -1) for w in tk.num(v) + [","]][:-1]
+            want = [w for v in range(n, -1, -1) for w in tk.num(v) + [","]][:-1]
             assert answer == want[:len(answer)] and len(answer) < len(want)
         else:
-            assert answer[:3] == tk.num(n - 1) and len(answer) < n * tk.SENTENCE
+            assert answer[:3] == tk.num(n) and len(answer) < (n + 1) * tk.SENTENCE
     rng = random.Random(0)
     counts = {len(tk.make_count(rng, 127, uniform=True).answer) for _ in range(200)}
     assert min(counts) < 40 and max(counts) == 127 and len(counts) > 15

@@ -21,9 +21,15 @@ leaves partly visible and semi-autoregressive decoding never does. So half the r
 (`TaskBatches.split`): a random prefix of the answer is given with the prompt, the next few tokens are noised and
 everything after them is masked, as a semi-autoregressive block sees it.
 
-- `count` (deterministic): "count down from A" -> "A-1 , A-2 , ... , 0". One right answer.
-- `sentences` (many answers): "write sentences down from N" -> N sentences "k : DET ADJ NOUN VERB ADV ." numbered
-  N-1 down to 0, with any words of each category; valid when every sentence parses and the numbering is right.
+- `count` (deterministic): "count down from A" -> "A , A-1 , ... , 0". One right answer.
+- `sentences` (many answers): "write sentences down from N" -> N+1 sentences "k : DET ADJ NOUN VERB ADV ."
+  numbered N down to 0, with any words of each category; valid when every sentence parses and the numbering is
+  right.
+
+Both answers begin with the prompt's own number. They began with A-1 until the 6000-step v9 model: it counted on
+from any number without fault, and every failure bench.quality showed was the first number (168 -> "157 , 156 ,
+...", 31 -> "20 : ...", at confidence 0.96): one subtraction with a borrow, seen once per row, where everything
+after it copies the number to its left less one.
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ def make_count(rng: random.Random, max_answer: int, uniform: bool = False) -> Ex
     answer = []
     for v in range(n - 1, -1, -1):
         answer += num(v) + ([","] if v else [])
-    return Example("count", ["count", "down", "from", *num(n)], answer)
+    return Example("count", ["count", "down", "from", *num(n - 1)], answer)
 
 
 def make_sentences(rng: random.Random, max_answer: int, uniform: bool = False) -> Example:
@@ -103,7 +109,7 @@ def make_sentences(rng: random.Random, max_answer: int, uniform: bool = False) -
     answer = []
     for k in range(n - 1, -1, -1):
         answer += num(k) + [":"] + [w if w == "." else rng.choice(GRAMMAR[w]) for w in PATTERN]
-    return Example("sentences", ["write", "sentences", "down", "from", *num(n)], answer)
+    return Example("sentences", ["write", "sentences", "down", "from", *num(n - 1)], answer)
 
 
 TASKS = {"count": make_count, "sentences": make_sentences}
@@ -112,18 +118,18 @@ TASKS = {"count": make_count, "sentences": make_sentences}
 def check_count(prompt: list[str], answer: list[str]) -> bool:
     """Exact match with the one right answer."""
     start = value(prompt[3:6])
-    if start < 1:
+    if start < 0:
         return False
     want = []
-    for v in range(start - 1, -1, -1):
+    for v in range(start, -1, -1):
         want += num(v) + [","]
     return answer == want[:-1]
 
 
 def check_sentences(prompt: list[str], answer: list[str]) -> bool:
-    """Valid when the answer is exactly N sentences numbered N-1 down to 0, each DET ADJ NOUN VERB ADV '.'."""
-    n = value(prompt[4:7])
-    if len(answer) != n * SENTENCE:
+    """Valid when the answer is exactly N+1 sentences numbered N down to 0, each DET ADJ NOUN VERB ADV '.'."""
+    n = value(prompt[4:7]) + 1  # sentences
+    if n < 1 or len(answer) != n * SENTENCE:
         return False
     for k in range(n):
         item = answer[k * SENTENCE:(k + 1) * SENTENCE]
