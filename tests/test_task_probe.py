@@ -19,7 +19,7 @@ class Oracle:
         row = fb.ids[0].tolist()
         words = [(tk.SPECIALS + tk.WORDS)[i] for i in row]
         start = tk.value(words[5:8])  # <bos> <user> count down from h t u <assistant>
-        want = [w for v in range(start, -1, -1) for w in tk.num(v) + [","]][:-1]
+        want = tk.count_answer(start)
         ids = tk.TaskBatches(0).encode(words[:9] + want) + [tk.EOS] * len(row)
         target = torch.tensor(ids[:len(row)])
         if self.blind:
