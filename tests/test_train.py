@@ -88,25 +88,28 @@ def test_task_rows_start_with_the_prompt_and_continuation_rows_give_an_answer_pr
     import random
 
     batches = tk.TaskBatches(0, split=0.5)
-    ids, region, floor = batches.rows(random.Random(1), 256, 64)
-    assert ids.shape == region.shape == (64, batches.prompt_pad + 256)
-    split_rows = []
-    for row, reg in zip(ids.tolist(), region.tolist()):
+    ids, region, floor = batches.rows(random.Random(1), 256, 96)
+    assert ids.shape == region.shape == (96, batches.prompt_pad + 256)
+    split_rows, wide_rows = [], 0
+    for row, reg, fl in zip(ids.tolist(), region.tolist(), floor.tolist()):
         assert row[:2] == [tk.BOS, tk.USER]
         start = reg.index(True)
         assert all(reg[start:]) and not any(reg[:start])  # one contiguous region, to the end of the row
+        if tk.EOS not in row:  # a cut row (WIDE): the answer is longer than the canvas (test_cut_rows_... below)
+            wide_rows += 1
+            continue
         words = [(tk.SPECIALS + tk.WORDS)[i] for i in row]
         assistant = words.index("<|assistant|>")
         prompt, rest = words[2:assistant], [w for w in words[assistant + 1:] if w != "<|endoftext|>"]
         task = "count" if prompt[0] == "count" else "sentences"
         assert tk.CHECKERS[task](prompt, rest)  # prefix + region together are one right answer
-        assert row[start:].count(tk.EOS) >= 1  # the answer ends inside the canvas
-        fl = floor[len(split_rows)].tolist()
         assert not any(fl[:start + 1])  # the prompt, any given prefix and the first noised token have no floor
         cut = fl.index(1.0) if 1.0 in fl else len(fl)
         assert all(f == 1.0 for f in fl[cut:]) and (cut == len(fl) or cut - start <= batches.NEAR)  # then masked
         split_rows.append(cut < len(fl))
-    assert 16 < sum(split_rows) < 48  # about half are continuation rows, shaped like a semi-autoregressive block
+    assert 0.25 < wide_rows / 96 < 0.55  # WIDE = 0.4 of the rows show a longer answer than the canvas holds
+    n = len(split_rows)
+    assert n / 4 < sum(split_rows) < 3 * n / 4  # about half the rest are continuation rows, like a semi-AR block
     _, whole, no_floor = tk.TaskBatches(0, split=0.0).rows(random.Random(1), 256, 16)
     assert all(row.tolist().index(True) in (9, 10) for row in whole)  # the region starts right after the prompt
     assert not no_floor.any()  # whole answers are noised uniformly
@@ -152,11 +155,13 @@ def test_cut_rows_end_mid_answer_and_training_lengths_do_not_follow_the_canvas()
 
     batches = tk.TaskBatches(0, split=0.5)
     ids, region, floor = batches.rows(random.Random(2), 128, 32, cut=True)
-    words = tk.SPECIALS + tk.WORDS
+    words, firsts = tk.SPECIALS + tk.WORDS, 0
     for row, reg, fl in zip(ids.tolist(), region.tolist(), floor.tolist()):
         assert tk.EOS not in row and row[:2] == [tk.BOS, tk.USER]
         start = reg.index(True)
-        assert all(reg[start:]) and 0 < len(row) - start <= batches.NEAR + batches.FAR
+        first = start == row.index(tk.ASSISTANT) + 1  # FIRST: noised from the answer's first token on
+        firsts += first
+        assert all(reg[start:]) and 0 < len(row) - start and (first or len(row) - start <= batches.NEAR + batches.FAR)
         assert not any(fl[:start + 1]) and fl == sorted(fl)  # no floor, then (maybe) floor 1 to the end
         text = [words[i] for i in row]
         a = text.index("<|assistant|>")
@@ -167,6 +172,7 @@ def test_cut_rows_end_mid_answer_and_training_lengths_do_not_follow_the_canvas()
             assert answer == want[:len(answer)] and len(answer) < len(want)
         else:
             assert answer[:3] == tk.num(n) and len(answer) < (n + 1) * tk.SENTENCE
+    assert 2 <= firsts <= 16  # FIRST = 0.25 of them
     rng = random.Random(0)
     counts = {len(tk.make_count(rng, 127, uniform=True).answer) for _ in range(200)}
     assert min(counts) < 40 and max(counts) == 127 and len(counts) > 15

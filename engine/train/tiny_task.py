@@ -78,9 +78,12 @@ DATA_NOTE = ("Synthetic chat tasks generated on the fly (`engine/train/task_data
              "are continuations shaped like one semi-autoregressive step: a prefix of the answer is given with the "
              "prompt (none in a quarter of them), up to 64 tokens after it are noised and the rest is always masked. "
              "A quarter of the steps are cut rows, as a pruned window shows a request: the row ends mid-answer, "
-             "with no EOS fill. The loss covers the answer (less any given prefix) and its EOS fill, never the "
-             "prompt. Held-out answers are 128 to 1023 tokens (shorter draws are skipped) on 256, 512 or "
-             "1024-position canvases.")
+             "with no EOS fill; so are 40% of the rows of the other steps on canvases up to 512, so that numbers over "
+             "127 are as common on short rows as short ones (a canvas holds an answer only up to its size), and a "
+             "quarter of the short cut rows noise the answer from its first number with the rest masked. The loss "
+             "covers the answer (less any given prefix) and its EOS fill, never the prompt. "
+             "Held-out answers are 128 to 1023 tokens (shorter draws are skipped) on 256, 512 or 1024-position "
+             "canvases.")
 
 QUALITY_COMMAND = "python -m bench.quality --model tiny-task --method vanilla --block-length 32 --n 40 --json"
 
