@@ -18,7 +18,7 @@ class Oracle:
     def forward(self, fb):
         row = fb.ids[0].tolist()
         words = [(tk.SPECIALS + tk.WORDS)[i] for i in row]
-        start = tk.value(words[5:8])  # <bos> <user> count down from h t u <assistant>
+        start = tk.value(words[5:8])  # <bos> <user> count down from x y z <assistant>
         want = tk.count_answer(start)
         ids = tk.TaskBatches(0).encode(words[:9] + want) + [tk.EOS] * len(row)
         target = torch.tensor(ids[:len(row)])

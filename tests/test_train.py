@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import small_spec
@@ -77,8 +78,10 @@ def test_task_checkers_accept_the_generated_answers_and_reject_corruptions():
             bad = list(ex.answer)
             bad[len(bad) // 2] = "count"  # a word no answer may hold anywhere
             assert not tk.CHECKERS[name](ex.prompt, bad)
-    assert tk.num(47) == ["h0", "t4", "u7"] and tk.value(tk.num(903)) == 903
-    assert tk.value(["h0", "u4", "t7"]) == -1 and tk.value(["0", "4", "7"]) == -1  # places out of order, plain digits
+    assert tk.num(47) == ["x7", "y5", "z2"] and [tk.value(tk.num(k)) for k in range(210)] == list(range(210))
+    assert tk.value(["x7", "z2", "y5"]) == -1 and tk.value(["7", "5", "2"]) == -1  # residues out of order, digits
+    with pytest.raises(ValueError):
+        tk.num(210)  # 210 would share its residues with 0
     assert not tk.check_count(["count", "down", "from", "0", "4", "7"], [])  # a malformed prompt has no right answer
 
 

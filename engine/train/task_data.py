@@ -1,16 +1,17 @@
 """tiny-task's synthetic tasks: long answers with exact checkers.
 
 Every task is a chat turn (user: an instruction ending in a number; assistant: the answer, then EOS to the end of
-the canvas). Tokens are words of a fixed vocabulary. A number is three place tokens, hundreds, tens and units:
-47 is "h0 t4 u7". Both tasks count DOWN from the prompt's number to "h0 t0 u0", and the chat template puts exactly
-one token (<|assistant|>) between that number and the answer, where a comma sits between two numbers: the answer's
-first number follows from the prompt by the very rule that links every later number to the one before it, and the
-end (after zero) is local too.
+the canvas). Tokens are words of a fixed vocabulary. A number k (0..209) is three residue tokens, k mod 10, k mod 7
+and k mod 3: 47 is "x7 y5 z2" (the Chinese remainder theorem makes the three a unique name for every k below
+210). Both tasks count DOWN from the prompt's number to "x0 y0 z0", and the chat template puts exactly one token
+(<|assistant|>) between that number and the answer, where a comma sits between two numbers: the answer's first
+number follows from the prompt by the very rule that links every later number to the one before it, and the end
+(after zero, the only k with all three residues 0) is local too.
 
-Why place tokens: each digit of the next number is then the nearest token of its own place to the left (units one
-less, a borrow when the units were u0), a lookup by content, where plain digits "0 4 7" made it the digit exactly
-four positions back among other digits, a sharp positional pattern the small model had not formed after 2,500
-steps (it then copied the nearest digit of any place).
+Why residues: counting down decrements each residue on its own, modulo its base (x7 -> x6, y0 -> y6, z0 -> z2), so
+every token of the next number is its own kind's nearest token to the left, less one, and no token ever depends on
+another place. Decimal numbers need a borrow: the tens go down only when the units were 0. That borrow was the last
+error every decimal model kept (v9 to v11 below).
 
 Earlier designs and what they taught us (details in the issue notes): with variable-width numbers the first model
 misaligned carries; with one token per number a second sat near chance on counting; with "count from A to B" a third
@@ -19,22 +20,22 @@ left of a position visible and everything right of it masked, it predicted the n
 gaps between visible numbers and counted from the EOS boundary on the right, which uniform masking nearly always
 leaves partly visible and semi-autoregressive decoding never does. So half the rows are continuations
 (`TaskBatches.split`): a random prefix of the answer is given with the prompt, the next few tokens are noised and
-everything after them is masked, as a semi-autoregressive block sees it.
+everything after them is masked, as a semi-autoregressive block sees it. Plain digits "0 4 7" made each digit of the
+next number the digit exactly four positions back among other digits, a sharp positional pattern a small model had
+not formed after 2,500 steps; place tokens ("h0 t4 u7") made it a lookup by content, and residue tokens keep that.
+
+The decimal place-token models (v9 to v11, 4000 to 6000 steps) all fell short of bench.quality's 95% on the
+borrow. v9's answers began with A-1: each failure decoded again went wrong at the first number (168 -> "157 , 156",
+a subtraction with a borrow seen once per row), so answers begin with the prompt's own number. v10 still failed at
+the first number, and with only one number masked and the whole right answer around it got the tens or hundreds
+wrong 4 times in 82 in mid-answer and 16 in 82 at the first number, nearly all over 100 (short canvases only ever
+counted from small numbers: hence `TaskBatches.WIDE` and `FIRST`). v11 got every probe right with the answer
+around it but decoded block 0 of 8 in 45 count prompts wrong, all at a borrow ("101 , 100 , 109").
 
 - `count` (deterministic): "count down from A" -> "A , A-1 , ... , 0". One right answer.
 - `sentences` (many answers): "write sentences down from N" -> N+1 sentences "k : DET ADJ NOUN VERB ADV ."
   numbered N down to 0, with any words of each category; valid when every sentence parses and the numbering is
   right.
-
-Both answers begin with the prompt's own number. They began with A-1 until the 6000-step v9 model: its probes
-gave the next number from the left 30 of 30 times, and each of the three bench.quality failures decoded again
-went wrong at the first number only (168 -> "157 , 156 , ...", 31 -> "20 : ...", 45 -> "34 : ..."; confidence
-0.96 on one): one subtraction with a borrow, seen once per row, where every later number is the one to its left
-less one. The 6000-step v10 model (this format) still failed bench.quality at the first number, and probes showed
-why: with only one number masked and the whole right answer around it, it got the tens or hundreds wrong 4 times in
-82 in mid-answer and 16 in 82 at the first number, nearly all at numbers over 100. A canvas holds an answer only up
-to its size, so the short rows that teach the local rules counted down from small numbers only; cut rows now make up
-part of every step (`TaskBatches.WIDE`), so large numbers are seen on every canvas.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ GRAMMAR = {
     "ADV": ["fast", "slowly", "well", "early", "late", "often", "gladly", "there", "again", "softly"],
 }
 PATTERN = ["DET", "ADJ", "NOUN", "VERB", "ADV", "."]
-MAX_NUMBER = 999
+MODULI = (10, 7, 3)  # pairwise coprime: the residues name every number below their product
+RESIDUES = "xyz"  # the token prefix of each residue
+MAX_NUMBER = 209  # 10 * 7 * 3 - 1
 MAX_ANSWER = 1023  # tokens: the longest answer any task writes (1024-position canvases)
-PLACES = "htu"  # hundreds, tens, units
-WORDS = ([f"{p}{d}" for p in PLACES for d in range(10)] + [",", ".", ":", "count", "down", "from", "write", "sentences"]
+WORDS = ([f"{r}{d}" for r, m in zip(RESIDUES, MODULI) for d in range(m)]
+         + [",", ".", ":", "count", "down", "from", "write", "sentences"]
          + sorted({w for ws in GRAMMAR.values() for w in ws}))
 # No end-of-turn token: <|assistant|> alone separates the prompt's last number from the answer (see above).
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
@@ -65,17 +68,18 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
 
 
 def num(n: int) -> list[str]:
-    """A number as its three place tokens: 47 -> ["h0", "t4", "u7"]."""
+    """A number as its three residue tokens: 47 -> ["x7", "y5", "z2"]."""
     if not 0 <= n <= MAX_NUMBER:
         raise ValueError(f"{n} is outside 0..{MAX_NUMBER}")
-    return [f"{p}{d}" for p, d in zip(PLACES, f"{n:03d}")]
+    return [f"{r}{n % m}" for r, m in zip(RESIDUES, MODULI)]
 
 
-def value(places: list[str]) -> int:
+_VALUES = {tuple(num(n)): n for n in range(MAX_NUMBER + 1)}
+
+
+def value(tokens: list[str]) -> int:
     """The inverse of num(); a malformed number is -1 (never a valid count)."""
-    if len(places) != 3 or any(len(w) != 2 or w[0] != p or not w[1].isdigit() for w, p in zip(places, PLACES)):
-        return -1
-    return int("".join(w[1] for w in places))
+    return _VALUES.get(tuple(tokens), -1)
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,8 @@ def _length(rng: random.Random, lo: int, hi: int, short: int, uniform: bool = Fa
     return rng.randint(short, min(lo - 1, hi)) if rng.random() < 0.15 or hi < lo else rng.randint(lo, hi)
 
 
-NUMBER = 4  # tokens per counted number: three digits and a comma
-SENTENCE = 4 + len(PATTERN)  # "d d d :" then the pattern (its last word is ".")
+NUMBER = 4  # tokens per counted number: three residues and a comma
+SENTENCE = 4 + len(PATTERN)  # "x y z :" then the pattern (its last word is ".")
 
 
 def count_answer(start: int) -> list[str]:
@@ -109,8 +113,8 @@ def count_answer(start: int) -> list[str]:
 
 
 def make_count(rng: random.Random, max_answer: int, uniform: bool = False) -> Example:
-    # n numbers, 4n - 1 tokens: 127..1023
-    n = _length(rng, 32, min(256, (max_answer + 1) // NUMBER), short=5, uniform=uniform)
+    # n numbers, 4n - 1 tokens: 127..839
+    n = _length(rng, 32, min(MAX_NUMBER + 1, (max_answer + 1) // NUMBER), short=5, uniform=uniform)
     return Example("count", ["count", "down", "from", *num(n - 1)], count_answer(n - 1))
 
 
