@@ -3,7 +3,7 @@
     python -m bench.task_probe --model DIR_OR_NAME [--n 30]
 
 - `left`: the prompt and the first k numbers of a `count` answer visible, everything after them masked; is the
-  argmax of the next three positions the next number? This is what every semi-autoregressive block decodes from.
+  argmax of the next number's positions the next number? This is what every semi-autoregressive block decodes from.
 - `first`: the same with k = 0: the first number read off the prompt.
 - `canvas`: one forward on "count down from N" and C masks for several C; the first number should follow the
   prompt, not C. A model trained where the mask count gave the answer's length away read its tens and hundreds
@@ -25,7 +25,7 @@ from engine.train import task_data as tk
 CANVASES = (32, 64, 128, 256, 512, 1024)
 
 
-def _argmax_after(model, ids: list[int], start: int, width: int = 3) -> list[int]:
+def _argmax_after(model, ids: list[int], start: int, width: int = tk.DIGITS) -> list[int]:
     x = torch.tensor([ids])
     with torch.inference_mode():
         logits = model.forward(ForwardBatch(ids=x, positions=torch.arange(x.shape[1])[None]))[0]  # [L, V]
@@ -41,7 +41,7 @@ def next_number(model, n: int, first: bool, seed: int = 7, canvas: int = 256) ->
         k = 0 if first else rng.randint(0, max(0, (len(answer) + 1) // tk.NUMBER - 2))
         head = batches.prompt_ids(ex) + answer[:tk.NUMBER * k]
         ids = head + [tk.MASK] * (canvas - tk.NUMBER * k)
-        right += _argmax_after(model, ids, len(head)) == answer[tk.NUMBER * k:tk.NUMBER * k + 3]
+        right += _argmax_after(model, ids, len(head)) == answer[tk.NUMBER * k:tk.NUMBER * k + tk.DIGITS]
     return right
 
 

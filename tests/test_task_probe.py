@@ -18,9 +18,9 @@ class Oracle:
     def forward(self, fb):
         row = fb.ids[0].tolist()
         words = [(tk.SPECIALS + tk.WORDS)[i] for i in row]
-        start = tk.value(words[5:8])  # <bos> <user> count down from x y z <assistant>
+        start = tk.value(words[5:5 + tk.DIGITS])  # <bos> <user> count down from w x y z <assistant>
         want = tk.count_answer(start)
-        ids = tk.TaskBatches(0).encode(words[:9] + want) + [tk.EOS] * len(row)
+        ids = tk.TaskBatches(0).encode(words[:6 + tk.DIGITS] + want) + [tk.EOS] * len(row)
         target = torch.tensor(ids[:len(row)])
         if self.blind:
             target = torch.full_like(target, tk.EOS)

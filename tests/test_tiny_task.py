@@ -17,7 +17,7 @@ from engine.train import task_data as tk
 pytestmark = pytest.mark.skipif("tiny-task" not in bundled_names(), reason="tiny-task is not in this checkout")
 ROOT = Path(__file__).resolve().parents[1]
 VANILLA = DecodeOptions(gen_length=256, steps=256, block_length=32)
-PROMPT_41 = " ".join(["count", "down", "from", *tk.num(41)])  # "count down from x1 y6 z2"
+PROMPT_41 = " ".join(["count", "down", "from", *tk.num(41)])  # "count down from w6 x1 y1 z2"
 
 
 @pytest.fixture(scope="module")

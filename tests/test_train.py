@@ -73,15 +73,15 @@ def test_task_checkers_accept_the_generated_answers_and_reject_corruptions():
         for _ in range(20):
             ex = make(rng, 1023)
             assert tk.CHECKERS[name](ex.prompt, ex.answer)
-            assert ex.answer[:3] == ex.prompt[-3:]  # the answer begins with the prompt's own number
+            assert ex.answer[:tk.DIGITS] == ex.prompt[-tk.DIGITS:]  # the answer begins with the prompt's own number
             assert not tk.CHECKERS[name](ex.prompt, ex.answer[:-1])
             bad = list(ex.answer)
             bad[len(bad) // 2] = "count"  # a word no answer may hold anywhere
             assert not tk.CHECKERS[name](ex.prompt, bad)
-    assert tk.num(47) == ["x7", "y5", "z2"] and [tk.value(tk.num(k)) for k in range(210)] == list(range(210))
-    assert tk.value(["x7", "z2", "y5"]) == -1 and tk.value(["7", "5", "2"]) == -1  # residues out of order, digits
+    assert tk.num(47) == ["w5", "x2", "y3", "z2"] and [tk.value(tk.num(k)) for k in range(420)] == list(range(420))
+    assert tk.value(["x2", "w5", "y3", "z2"]) == -1 and tk.value(["0", "4", "7"]) == -1  # residues out of order, digits
     with pytest.raises(ValueError):
-        tk.num(210)  # 210 would share its residues with 0
+        tk.num(420)  # 420 would share its residues with 0
     assert not tk.check_count(["count", "down", "from", "0", "4", "7"], [])  # a malformed prompt has no right answer
 
 
@@ -114,7 +114,8 @@ def test_task_rows_start_with_the_prompt_and_continuation_rows_give_an_answer_pr
     n = len(split_rows)
     assert n / 4 < sum(split_rows) < 3 * n / 4  # about half the rest are continuation rows, like a semi-AR block
     _, whole, no_floor = tk.TaskBatches(0, split=0.0).rows(random.Random(1), 256, 16)
-    assert all(row.tolist().index(True) in (9, 10) for row in whole)  # the region starts right after the prompt
+    # the region starts right after the prompt: <bos> <user>, 3 or 4 words, the number, <assistant>
+    assert all(row.tolist().index(True) in (6 + tk.DIGITS, 7 + tk.DIGITS) for row in whole)
     assert not no_floor.any()  # whole answers are noised uniformly
 
 
@@ -169,13 +170,13 @@ def test_cut_rows_end_mid_answer_and_training_lengths_do_not_follow_the_canvas()
         text = [words[i] for i in row]
         a = text.index("<|assistant|>")
         prompt, answer = text[2:a], text[a + 1:]
-        n = tk.value(prompt[3:6] if prompt[0] == "count" else prompt[4:7])
+        n = tk.value(prompt[3:3 + tk.DIGITS] if prompt[0] == "count" else prompt[4:4 + tk.DIGITS])
         if prompt[0] == "count":
             want = [w for v in range(n, -1, -1) for w in tk.num(v) + [","]][:-1]
             assert answer == want[:len(answer)] and len(answer) < len(want)
         else:
-            assert answer[:3] == tk.num(n) and len(answer) < (n + 1) * tk.SENTENCE
+            assert answer[:tk.DIGITS] == tk.num(n) and len(answer) < (n + 1) * tk.SENTENCE
     assert 2 <= firsts <= 16  # FIRST = 0.25 of them
     rng = random.Random(0)
     counts = {len(tk.make_count(rng, 127, uniform=True).answer) for _ in range(200)}
-    assert min(counts) < 40 and max(counts) == 127 and len(counts) > 15
+    assert min(counts) < 40 and max(counts) == 128 // tk.NUMBER * tk.NUMBER - 1 and len(counts) > 15

@@ -1,17 +1,21 @@
 """tiny-task's synthetic tasks: long answers with exact checkers.
 
 Every task is a chat turn (user: an instruction ending in a number; assistant: the answer, then EOS to the end of
-the canvas). Tokens are words of a fixed vocabulary. A number k (0..209) is three residue tokens, k mod 10, k mod 7
-and k mod 3: 47 is "x7 y5 z2" (the Chinese remainder theorem makes the three a unique name for every k below
-210). Both tasks count DOWN from the prompt's number to "x0 y0 z0", and the chat template puts exactly one token
-(<|assistant|>) between that number and the answer, where a comma sits between two numbers: the answer's first
-number follows from the prompt by the very rule that links every later number to the one before it, and the end
-(after zero, the only k with all three residues 0) is local too.
+the canvas). Tokens are words of a fixed vocabulary. A number k (0..419) is four residue tokens, k mod 7, 5, 4 and
+3: 47 is "w5 x2 y3 z2" (the Chinese remainder theorem makes the four a unique name for every k below 420). Both tasks
+count DOWN from the prompt's number to "w0 x0 y0 z0", and the chat template puts exactly one token (<|assistant|>)
+between that number and the answer, where a comma sits between two numbers: the answer's first number follows from
+the prompt by the very rule that links every later number to the one before it, and the end (after zero, the only k
+with every residue 0) is local too.
 
-Why residues: counting down decrements each residue on its own, modulo its base (x7 -> x6, y0 -> y6, z0 -> z2), so
-every token of the next number is its own kind's nearest token to the left, less one, and no token ever depends on
-another place. Decimal numbers need a borrow: the tens go down only when the units were 0. That borrow was the last
-error every decimal model kept (v9 to v11 below).
+Why residues: counting down decrements each residue on its own, modulo its base (w5 -> w4, x0 -> x4), so every
+token of the next number is its own kind's nearest token to the left, less one, and no token ever depends on another
+place. Decimal numbers need a borrow: the tens go down only when the units were 0. That borrow was the last error
+every decimal model kept (v9 to v11 below). Why small moduli: low-confidence decoding commits the tokens it is surest
+of first, wherever they are, and a residue i numbers to the right of a known one is (r - i) mod m, which a small
+model computes at a distance for m <= 7 (every mod-3 and mod-7 token of the v12 model, moduli 10, 7, 3, was right and
+committed first) but not for m = 10: v12 guessed far units digits at confidence 0.8 before the answer's first one
+and got the first number wrong in 24 of 36 block-0 probes, every later number one less than its wrong neighbour.
 
 Earlier designs and what they taught us (details in the issue notes): with variable-width numbers the first model
 misaligned carries; with one token per number a second sat near chance on counting; with "count from A to B" a third
@@ -55,9 +59,10 @@ GRAMMAR = {
     "ADV": ["fast", "slowly", "well", "early", "late", "often", "gladly", "there", "again", "softly"],
 }
 PATTERN = ["DET", "ADJ", "NOUN", "VERB", "ADV", "."]
-MODULI = (10, 7, 3)  # pairwise coprime: the residues name every number below their product
-RESIDUES = "xyz"  # the token prefix of each residue
-MAX_NUMBER = 209  # 10 * 7 * 3 - 1
+MODULI = (7, 5, 4, 3)  # pairwise coprime: the residues name every number below their product
+RESIDUES = "wxyz"  # the token prefix of each residue
+DIGITS = len(MODULI)  # tokens per number
+MAX_NUMBER = 419  # 7 * 5 * 4 * 3 - 1
 MAX_ANSWER = 1023  # tokens: the longest answer any task writes (1024-position canvases)
 WORDS = ([f"{r}{d}" for r, m in zip(RESIDUES, MODULI) for d in range(m)]
          + [",", ".", ":", "count", "down", "from", "write", "sentences"]
@@ -68,7 +73,7 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
 
 
 def num(n: int) -> list[str]:
-    """A number as its three residue tokens: 47 -> ["x7", "y5", "z2"]."""
+    """A number as its residue tokens: 47 -> ["w5", "x2", "y3", "z2"]."""
     if not 0 <= n <= MAX_NUMBER:
         raise ValueError(f"{n} is outside 0..{MAX_NUMBER}")
     return [f"{r}{n % m}" for r, m in zip(RESIDUES, MODULI)]
@@ -100,8 +105,8 @@ def _length(rng: random.Random, lo: int, hi: int, short: int, uniform: bool = Fa
     return rng.randint(short, min(lo - 1, hi)) if rng.random() < 0.15 or hi < lo else rng.randint(lo, hi)
 
 
-NUMBER = 4  # tokens per counted number: three residues and a comma
-SENTENCE = 4 + len(PATTERN)  # "x y z :" then the pattern (its last word is ".")
+NUMBER = DIGITS + 1  # tokens per counted number: its residues and a comma
+SENTENCE = DIGITS + 1 + len(PATTERN)  # "w x y z :" then the pattern (its last word is ".")
 
 
 def count_answer(start: int) -> list[str]:
@@ -113,13 +118,13 @@ def count_answer(start: int) -> list[str]:
 
 
 def make_count(rng: random.Random, max_answer: int, uniform: bool = False) -> Example:
-    # n numbers, 4n - 1 tokens: 127..839
+    # n numbers, 5n - 1 tokens: 159..1019
     n = _length(rng, 32, min(MAX_NUMBER + 1, (max_answer + 1) // NUMBER), short=5, uniform=uniform)
     return Example("count", ["count", "down", "from", *num(n - 1)], count_answer(n - 1))
 
 
 def make_sentences(rng: random.Random, max_answer: int, uniform: bool = False) -> Example:
-    n = _length(rng, 13, min(102, max_answer // SENTENCE), short=3, uniform=uniform)  # 10n tokens: 130..1020
+    n = _length(rng, 12, max_answer // SENTENCE, short=3, uniform=uniform)  # 11n tokens: 132..1023
     answer = []
     for k in range(n - 1, -1, -1):
         answer += num(k) + [":"] + [w if w == "." else rng.choice(GRAMMAR[w]) for w in PATTERN]
@@ -131,20 +136,20 @@ TASKS = {"count": make_count, "sentences": make_sentences}
 
 def check_count(prompt: list[str], answer: list[str]) -> bool:
     """Exact match with the one right answer."""
-    start = value(prompt[3:6])
+    start = value(prompt[3:3 + DIGITS])
     return start >= 0 and answer == count_answer(start)
 
 
 def check_sentences(prompt: list[str], answer: list[str]) -> bool:
     """Valid when the answer is exactly N+1 sentences numbered N down to 0, each DET ADJ NOUN VERB ADV '.'."""
-    n = value(prompt[4:7]) + 1  # sentences
+    n = value(prompt[4:4 + DIGITS]) + 1  # sentences
     if n < 1 or len(answer) != n * SENTENCE:
         return False
     for k in range(n):
         item = answer[k * SENTENCE:(k + 1) * SENTENCE]
-        if item[:3] != num(n - 1 - k) or item[3] != ":":
+        if item[:DIGITS] != num(n - 1 - k) or item[DIGITS] != ":":
             return False
-        for cat, w in zip(PATTERN, item[4:]):
+        for cat, w in zip(PATTERN, item[DIGITS + 1:]):
             if (w != ".") if cat == "." else (w not in GRAMMAR[cat]):
                 return False
     return True

@@ -68,9 +68,9 @@ def run(out: Path, work: Path, steps: int, seed: int = 0) -> dict:
 
 
 DATA_NOTE = ("Synthetic chat tasks generated on the fly (`engine/train/task_data.py`), a fresh draw every step; the "
-             "held-out set is a separately seeded draw. Numbers 0..209 are three residue tokens, mod 10, 7 and 3 "
-             "(47 is \"x7 y5 z2\"), so counting down has no borrow. "
-             "`count` (deterministic, exact match): \"count down from A\" -> \"A , A-1 , ... , 0\", 5 to 210 "
+             "held-out set is a separately seeded draw. Numbers 0..419 are four residue tokens, mod 7, 5, 4 and 3 "
+             "(47 is \"w5 x2 y3 z2\"), so counting down has no borrow. "
+             "`count` (deterministic, exact match): \"count down from A\" -> \"A , A-1 , ... , 0\", 5 to 204 "
              "numbers. `sentences` (many valid answers, checked by a parser): \"write sentences down from N\" -> N+1 "
              "sentences \"k : DET ADJ NOUN VERB ADV .\" numbered N down to 0, with any words of each category. "
              "Each training step draws one canvas of 64, 128, 256, 512 or 1024 positions (4 steps in 7 are 64 or 128: "
