@@ -73,7 +73,8 @@ def test_task_checkers_accept_the_generated_answers_and_reject_corruptions():
         for _ in range(20):
             ex = make(rng, 1023)
             assert tk.CHECKERS[name](ex.prompt, ex.answer)
-            assert ex.answer[:tk.DIGITS] == ex.prompt[-tk.DIGITS:]  # the answer begins with the prompt's own number
+            at = 0 if name == "count" else len(tk.PATTERN)  # a sentence's number follows its words and ":"
+            assert ex.answer[at:at + tk.DIGITS] == ex.prompt[-tk.DIGITS:]  # the first number is the prompt's own
             assert not tk.CHECKERS[name](ex.prompt, ex.answer[:-1])
             bad = list(ex.answer)
             bad[len(bad) // 2] = "count"  # a word no answer may hold anywhere
@@ -175,7 +176,8 @@ def test_cut_rows_end_mid_answer_and_training_lengths_do_not_follow_the_canvas()
             want = [w for v in range(n, -1, -1) for w in tk.num(v) + [","]][:-1]
             assert answer == want[:len(answer)] and len(answer) < len(want)
         else:
-            assert answer[:tk.DIGITS] == tk.num(n) and len(answer) < (n + 1) * tk.SENTENCE
+            first = answer[len(tk.PATTERN):len(tk.PATTERN) + tk.DIGITS]  # the number after the words and ":"
+            assert first == tk.num(n)[:len(first)] and len(answer) < (n + 1) * tk.SENTENCE
     assert 2 <= firsts <= 16  # FIRST = 0.25 of them
     rng = random.Random(0)
     counts = {len(tk.make_count(rng, 127, uniform=True).answer) for _ in range(200)}

@@ -37,7 +37,7 @@ counted from small numbers: hence `TaskBatches.WIDE` and `FIRST`). v11 got every
 around it but decoded block 0 of 8 in 45 count prompts wrong, all at a borrow ("101 , 100 , 109").
 
 - `count` (deterministic): "count down from A" -> "A , A-1 , ... , 0". One right answer.
-- `sentences` (many answers): "write sentences down from N" -> N+1 sentences "k : DET ADJ NOUN VERB ADV ."
+- `sentences` (many answers): "write sentences down from N" -> N+1 sentences "DET ADJ NOUN VERB ADV : k ."
   numbered N down to 0, with any words of each category; valid when every sentence parses and the numbering is
   right.
 """
@@ -106,7 +106,11 @@ def _length(rng: random.Random, lo: int, hi: int, short: int, uniform: bool = Fa
 
 
 NUMBER = DIGITS + 1  # tokens per counted number: its residues and a comma
-SENTENCE = DIGITS + 1 + len(PATTERN)  # "w x y z :" then the pattern (its last word is ".")
+# A sentence is the pattern's words, ":", its number and "." (PATTERN's last word): the number comes last, so the
+# answer's end (EOS) is one token after the number zero, as in `count`. With the number first (v13, "k : DET ...
+# ."), every invalid answer of 6 in 20 was one stray residue token after the last sentence: the end was 7 tokens
+# past the zero, and low-confidence decoding committed the next number's first residue there before it.
+SENTENCE = len(PATTERN) + 1 + DIGITS
 
 
 def count_answer(start: int) -> list[str]:
@@ -127,7 +131,7 @@ def make_sentences(rng: random.Random, max_answer: int, uniform: bool = False) -
     n = _length(rng, 12, max_answer // SENTENCE, short=3, uniform=uniform)  # 11n tokens: 132..1023
     answer = []
     for k in range(n - 1, -1, -1):
-        answer += num(k) + [":"] + [w if w == "." else rng.choice(GRAMMAR[w]) for w in PATTERN]
+        answer += [rng.choice(GRAMMAR[w]) for w in PATTERN[:-1]] + [":"] + num(k) + ["."]
     return Example("sentences", ["write", "sentences", "down", "from", *num(n - 1)], answer)
 
 
@@ -141,17 +145,17 @@ def check_count(prompt: list[str], answer: list[str]) -> bool:
 
 
 def check_sentences(prompt: list[str], answer: list[str]) -> bool:
-    """Valid when the answer is exactly N+1 sentences numbered N down to 0, each DET ADJ NOUN VERB ADV '.'."""
+    """Valid when the answer is exactly N+1 sentences DET ADJ NOUN VERB ADV : k . numbered k = N down to 0."""
     n = value(prompt[4:4 + DIGITS]) + 1  # sentences
     if n < 1 or len(answer) != n * SENTENCE:
         return False
     for k in range(n):
         item = answer[k * SENTENCE:(k + 1) * SENTENCE]
-        if item[:DIGITS] != num(n - 1 - k) or item[DIGITS] != ":":
+        words, colon, number, stop = item[:len(PATTERN) - 1], item[len(PATTERN) - 1], item[len(PATTERN):-1], item[-1]
+        if colon != ":" or number != num(n - 1 - k) or stop != ".":
             return False
-        for cat, w in zip(PATTERN, item[DIGITS + 1:]):
-            if (w != ".") if cat == "." else (w not in GRAMMAR[cat]):
-                return False
+        if any(w not in GRAMMAR[cat] for cat, w in zip(PATTERN, words)):
+            return False
     return True
 
 

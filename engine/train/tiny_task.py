@@ -72,7 +72,7 @@ DATA_NOTE = ("Synthetic chat tasks generated on the fly (`engine/train/task_data
              "(47 is \"w5 x2 y3 z2\"), so counting down has no borrow. "
              "`count` (deterministic, exact match): \"count down from A\" -> \"A , A-1 , ... , 0\", 5 to 204 "
              "numbers. `sentences` (many valid answers, checked by a parser): \"write sentences down from N\" -> N+1 "
-             "sentences \"k : DET ADJ NOUN VERB ADV .\" numbered N down to 0, with any words of each category. "
+             "sentences \"DET ADJ NOUN VERB ADV : k .\" numbered N down to 0, with any words of each category. "
              "Each training step draws one canvas of 64, 128, 256, 512 or 1024 positions (4 steps in 7 are 64 or 128: "
              "long rows alone did not teach the local counting rule); answer lengths are uniform up to what the "
              "canvas holds (so the number of masks does not give the length away), then EOS to its end. Half the rows "
@@ -86,7 +86,10 @@ DATA_NOTE = ("Synthetic chat tasks generated on the fly (`engine/train/task_data
              "Held-out answers are 128 to 1023 tokens (shorter draws are skipped) on 256, 512 or 1024-position "
              "canvases.")
 
-QUALITY_COMMAND = "python -m bench.quality --model tiny-task --method vanilla --block-length 32 --n 40 --json"
+# bfloat16: the weights are bf16, and on CPUs with AMX / AVX512-BF16 a 1040-position forward is 5x faster than in
+# float32 (0.021 s vs 0.105 s), which brings 40 vanilla decodes of up to 1024 steps from ~45 to ~10 minutes.
+QUALITY_COMMAND = ("python -m bench.quality --model tiny-task --method vanilla --block-length 32 --n 40 "
+                   "--dtype bfloat16 --json")
 
 
 def write_task_card(out: Path, quality: dict | None = None) -> None:
