@@ -31,6 +31,9 @@ def test_an_oracle_passes_every_probe_and_a_blind_model_none():
     assert task_probe.next_number(Oracle(), 12, first=False) == 12
     assert task_probe.next_number(Oracle(), 12, first=True) == 12
     assert task_probe.next_number(Oracle(blind=True), 12, first=False) == 0
+    assert task_probe.block0(Oracle(), starts=(45, 206), block=12, canvas=64)["right"] == "2/2"
+    blind = task_probe.block0(Oracle(blind=True), starts=(45,), block=12, canvas=64)
+    assert blind["right"] == "0/1" and blind["wrong"] == ["45: " + " ".join(["<|endoftext|>"] * 12)]
     cue = task_probe.canvas_cue(Oracle(), starts=(45, 206))
     assert cue == {s: {c: s for c in task_probe.CANVASES} for s in (45, 206)}
     assert set(task_probe.canvas_cue(Oracle(blind=True), starts=(45,))[45].values()) == {-1}
