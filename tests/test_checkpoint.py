@@ -72,3 +72,18 @@ def test_missing_tensor_is_a_clear_error(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="lacks 1 tensors"):
         load_model(tmp_path)
+
+
+def test_tokenizer_of_a_named_fast_class_loads_without_the_model_type_warning():
+    # AutoTokenizer reads config.json and warns on every load that model type `llada` is unknown to transformers.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parents[1] / "models" / "tiny-text"
+    code = ("from engine.model.tokenizer import load_tokenizer; t = load_tokenizer(%r); "
+            "text = 'ROMEO.\\nO Juliet'; "
+            "print(type(t).__name__, t.decode(t(text)['input_ids']) == text, t.chat_template is not None)" % str(tiny))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         cwd=tiny.parents[1])
+    assert run.stdout.split()[1:] == ["True", "True"] and "model of type" not in run.stderr, run.stdout + run.stderr

@@ -45,8 +45,14 @@ def load_tokenizer(model_dir: str | Path):
     model_dir = Path(model_dir)
     if not has_tokenizer(model_dir):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if cfg.get("tokenizer_class") == "PreTrainedTokenizerFast" and (model_dir / "tokenizer.json").is_file():
+        # The class is named, so config.json need not be read: AutoTokenizer reads it and warns on every load that
+        # model type `llada` (unknown to transformers) "instantiates a model of type ``".
+        return PreTrainedTokenizerFast.from_pretrained(str(model_dir), local_files_only=True)
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
     except (ValueError, OSError, KeyError, TypeError) as exc:
