@@ -28,11 +28,9 @@ def _token_text(value) -> str | None:
     return value
 
 
-def _fast_fallback(model_dir: Path):
+def _fast_fallback(model_dir: Path, cfg: dict):
     from transformers import PreTrainedTokenizerFast
 
-    cfg_path = model_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     special = {k: _token_text(cfg[k]) for k in _SPECIAL_KEYS if cfg.get(k)}
     tok = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"), **special)
     if cfg.get("chat_template"):
@@ -48,7 +46,7 @@ def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     cfg_path = model_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}  # read once, for both paths below
     if cfg.get("tokenizer_class") == "PreTrainedTokenizerFast" and (model_dir / "tokenizer.json").is_file():
         # The class is named, so config.json need not be read: AutoTokenizer reads it and warns on every load that
         # model type `llada` (unknown to transformers) "instantiates a model of type ``".
@@ -59,4 +57,4 @@ def load_tokenizer(model_dir: str | Path):
         if not (model_dir / "tokenizer.json").is_file():
             raise
         log.info("AutoTokenizer needs remote code for %s (%s); loading tokenizer.json directly", model_dir, exc)
-        return _fast_fallback(model_dir)
+        return _fast_fallback(model_dir, cfg)

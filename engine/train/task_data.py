@@ -3,10 +3,11 @@
 Every task is a chat turn (user: an instruction ending in a number; assistant: the answer, then EOS to the end of
 the canvas). Tokens are words of a fixed vocabulary. A number k (0..419) is four residue tokens, k mod 7, 5, 4 and
 3: 47 is "w5 x2 y3 z2" (the Chinese remainder theorem makes the four a unique name for every k below 420). Both tasks
-count DOWN from the prompt's number to "w0 x0 y0 z0", and the chat template puts exactly one token (<|assistant|>)
-between that number and the answer, where a comma sits between two numbers: the answer's first number follows from
-the prompt by the very rule that links every later number to the one before it, and the end (after zero, the only k
-with every residue 0) is local too.
+count DOWN from the prompt's number to "w0 x0 y0 z0". In `count` the chat template puts exactly one token
+(<|assistant|>) between that number and the answer, where a comma sits between two numbers: the answer's first
+number follows from the prompt by the very rule that links every later number to the one before it. In both the
+end is local: EOS comes right after the number zero (the only k with every residue 0), or after its "." in
+`sentences`.
 
 Why residues: counting down decrements each residue on its own, modulo its base (w5 -> w4, x0 -> x4), so every
 token of the next number is its own kind's nearest token to the left, less one, and no token ever depends on another
