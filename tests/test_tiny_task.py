@@ -40,7 +40,7 @@ def test_card_records_training_and_scores():
     assert json.loads((MODELS_DIR / "tiny-task" / "config.json").read_text())["model_type"] == "llada"
 
 
-@pytest.mark.parametrize("start", [41, 52, 36])
+@pytest.mark.parametrize("start", [41, 47, 36])  # A+1 numbers of 5 tokens: at most 50 fit 256
 def test_count_answers_are_exact(llm, start):
     prompt = ["count", "down", "from", *tk.num(start)]
     answer = ask(llm, prompt)
@@ -57,7 +57,7 @@ def test_sentences_answers_parse(llm, n, seed):
 
 
 def test_the_window_serving_mode_answers_too(llm):
-    prompt = ["count", "down", "from", *tk.num(60)]
+    prompt = ["count", "down", "from", *tk.num(44)]
     answer = ask(llm, prompt, "window", DecodeOptions(gen_length=256, steps=256))
     assert tk.check_count(prompt, answer), " ".join(answer)
 
