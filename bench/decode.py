@@ -1,7 +1,8 @@
 """Every LLaDA-family decoding method side by side, on the same model and prompts, in one run.
 
     python -m bench.decode [--models tiny-task,tiny-text,random-100m] [--lengths 256,512,1024,2048] [--batch 1,8]
-                           [--methods vanilla,fast_dllm_prefix,...] [--n 8] [--json FILE] [--md FILE] [--plot DIR]
+                           [--methods vanilla,fast_dllm_prefix,...] [--n 8] [--dtype float32|bfloat16]
+                           [--json FILE] [--md FILE] [--plot DIR]
 
 For each model, generation length and batch size, each method decodes the same prompts and the table reports
 generated tokens/s (non-EOS tokens after stop truncation, as the papers count), the speed-up over vanilla (the
@@ -18,7 +19,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -32,7 +33,9 @@ METHOD_OPTIONS = {
     "fast_dllm_dual": dict(block_length=32, threshold=0.9),
     "window_llada": dict(),
     "streaming_llada": dict(block_length=32, threshold=0.9),
-    "window": dict(threshold=0.9),
+    # our mode: threshold 0.95 and 16 active masks, measured on tiny-task at 1024 (docs/benchmarks.md): 0.9 let one
+    # wrong digit through in 8 answers; 16 active masks halve the forwards of 8 at the same answers
+    "window": dict(threshold=0.95, active_tokens=16),
     "freecache": dict(block_length=32, threshold=0.9),
     "guided": dict(),
 }
@@ -56,6 +59,7 @@ class Row:
     correct: int = 0
     checked: int = 0
     extrapolated_from: int = 0  # vanilla only: the forwards actually run when --vanilla-forwards cut them short
+    per_task: dict = field(default_factory=dict)  # tiny-task: task -> [correct, checked]
 
     @property
     def tok_s(self) -> float:
@@ -87,36 +91,41 @@ class RowCounter:
         del self.model.forward  # the instance attribute goes; the class's method shows through again
 
 
-def load(name: str):
+def load(name: str, dtype: str = "float32"):
     from engine.llm import LLM
     from engine.model import ModelSpec
     from engine.model.saver import random_model
 
     if name == "random-100m":
         llm = LLM.__new__(LLM)
-        llm.model = random_model(ModelSpec(**RANDOM_100M), seed=0).eval()
+        llm.model = random_model(ModelSpec(**RANDOM_100M), seed=0, dtype=getattr(torch, dtype)).eval()
         llm.spec, llm.tokenizer, llm.model_dir = llm.model.spec, None, name
         return llm
-    return LLM(name)
+    return LLM(name, dtype)
 
 
 def prompts_for(llm, name: str, n: int, batch: int, gen: int = 1024) -> list[tuple[list[int], object]]:
     """n prompts (with their task example on tiny-task), in groups of `batch` with equal token lengths. On tiny-task
-    only examples whose answer and one EOS fit `gen` positions: a longer one cannot be right on that canvas."""
+    the tasks take turns group by group (batch 1: count, sentences, count, ...), and only examples whose answer and
+    one EOS fit `gen` positions are used: a longer one cannot be right on that canvas."""
     if name == "tiny-task":
         from bench.quality import task_prompts
 
-        by_len = defaultdict(list)
+        # task -> prompt length -> prompts: a batch of the reference loops needs equal prompt lengths, and a task's
+        # prompts share one length ("count down from" and four residue tokens)
+        by_task = defaultdict(lambda: defaultdict(list))
         for ex, ids in task_prompts(llm, 40 * max(n, batch)):
             if len(ex.answer) < gen:
-                by_len[len(ids)].append((ids, ex))
-        groups = sorted(by_len.values(), key=len, reverse=True)
+                by_task[ex.task][len(ids)].append((ids, ex))
+        queues = {}
+        for task, by_len in by_task.items():  # whole groups of `batch`, the commonest lengths first
+            queues[task] = [g[i:i + batch] for g in sorted(by_len.values(), key=len, reverse=True)
+                            for i in range(0, len(g) - len(g) % batch, batch)]
         out = []
-        for g in groups:  # whole groups of `batch` from the commonest lengths, alternating tasks within each
-            g = sorted(g, key=lambda p: p[1].task)[: len(g) - len(g) % batch]
-            out += g[: n - len(out)]
-            if len(out) >= n:
-                break
+        while len(out) < n and any(queues.values()):  # the tasks take turns, group by group
+            for task in sorted(queues):
+                if queues[task] and len(out) < n:
+                    out += queues[task].pop(0)
         return out
     if name == "tiny-text":
         from bench.quality import TEXT_PROMPTS
@@ -136,8 +145,12 @@ def tally(row: Row, tokens: int, text: str, example) -> None:
     if example is not None:
         from engine.train import task_data as tk
 
+        ok = int(tk.CHECKERS[example.task](example.prompt, text.split()))
         row.checked += 1
-        row.correct += int(tk.CHECKERS[example.task](example.prompt, text.split()))
+        row.correct += ok
+        tally_task = row.per_task.setdefault(example.task, [0, 0])
+        tally_task[0] += ok
+        tally_task[1] += 1
 
 
 BATCH_ONE = {"window_llada"}  # references written for one sequence: a batch runs them in turn
@@ -222,10 +235,11 @@ def options_for(model: str, method: str, gen: int) -> DecodeOptions | None:
     return opts.with_(verifier=verifier) if verifier in bundled_names() else None
 
 
-def bench(models, lengths, batches, methods, n, out=sys.stderr, vanilla_forwards: int = 0) -> list[dict]:
+def bench(models, lengths, batches, methods, n, out=sys.stderr, vanilla_forwards: int = 0,
+          dtype: str = "float32") -> list[dict]:
     results = []
     for name in models:
-        llm = load(name)
+        llm = load(name, dtype)
         for gen in lengths:
             for batch in batches:
                 group_prompts = prompts_for(llm, name, n, batch, gen)
@@ -258,6 +272,8 @@ def table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for d in results:
         q = "" if d["quality"] is None else f"{d['quality']:.1%} of {d['checked']}"
+        if d.get("per_task"):
+            q += " (" + ", ".join(f"{t} {c}/{k}" for t, (c, k) in sorted(d["per_task"].items())) + ")"
         passes = d["forward_passes"]
         if d.get("extrapolated_from"):
             passes = f"{passes} (timed {d['extrapolated_from']} per group, scaled)"
@@ -284,6 +300,7 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
                 ax.plot(*zip(*pts), marker="o", label=method)
         ax.set(title=f"{model} (batch 1)", xlabel="generation length", ylabel="speed-up over vanilla", xscale="log")
         ax.set_xticks(sorted({d["gen_length"] for d in results}), labels=sorted({d["gen_length"] for d in results}))
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = f"{out_dir}/decode_speedup.png"
@@ -291,17 +308,36 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
     written.append(path)
     task = [d for d in results if d["quality"] is not None]
     if task:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        from matplotlib.lines import Line2D
+
+        fig, ax = plt.subplots(figsize=(7.5, 4))
+        color = {m: f"C{i}" for i, m in enumerate(METHOD_OPTIONS)}  # a colour per method, a marker per length
+        marker = dict(zip(sorted({d["gen_length"] for d in task}), "os^Dv"))
         for d in task:
-            ax.scatter(d["tok_s"], 100 * d["quality"], label=f"{d['method']} g{d['gen_length']} b{d['batch']}")
+            ax.scatter(d["tok_s"], 100 * d["quality"], color=color[d["method"]], marker=marker[d["gen_length"]],
+                       s=40 if d["batch"] == 1 else 80, alpha=0.8)
         ax.set(title="tiny-task: quality vs throughput", xlabel="generated tokens/s", ylabel="exact match / valid %",
                xscale="log")
-        ax.legend(fontsize=6)
+        handles = [Line2D([], [], color=color[m], marker="o", ls="", label=m) for m in METHOD_OPTIONS
+                   if any(d["method"] == m for d in task)]
+        handles += [Line2D([], [], color="gray", marker=mk, ls="", label=f"gen {g}") for g, mk in marker.items()]
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
         path = f"{out_dir}/decode_quality.png"
         fig.savefig(path, dpi=110)
         written.append(path)
     return written
+
+
+def parse_options(text: str) -> dict:
+    """'threshold=0.9,active_tokens=8,refresh=full' -> DecodeOptions fields with their annotated types."""
+    from engine.cli import _field_type
+
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        out[key] = _field_type(key)(value)
+    return out
 
 
 def main(argv=None) -> int:
@@ -315,6 +351,10 @@ def main(argv=None) -> int:
                     help="on random-100m, run vanilla for about this many forwards "
                          "(whole blocks) and scale its time, forwards and rows to the full step count: each of "
                          "its forwards costs the same (0: run it all)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="every method runs in this dtype (bfloat16: about 5x faster forwards on CPUs with AMX)")
+    ap.add_argument("--window", metavar="K=V,...", help="override our window mode's options, e.g. "
+                    "threshold=0.9,active_tokens=8 (DecodeOptions field names)")
     ap.add_argument("--json", help="write the rows as JSON here")
     ap.add_argument("--md", help="write the markdown table here")
     ap.add_argument("--plot", help="write decode_speedup.png and decode_quality.png into this directory")
@@ -324,8 +364,11 @@ def main(argv=None) -> int:
     if unknown or "vanilla" not in methods:
         ap.error(f"methods must include vanilla and come from {sorted(METHOD_OPTIONS)}; unknown: {unknown}")
     methods = ["vanilla"] + [m for m in methods if m != "vanilla"]  # the baseline first: speed-ups need it
+    if args.window:
+        METHOD_OPTIONS["window"] = {**METHOD_OPTIONS["window"], **parse_options(args.window)}
     results = bench(args.models.split(","), [int(x) for x in args.lengths.split(",")],
-                    [int(x) for x in args.batch.split(",")], methods, args.n, vanilla_forwards=args.vanilla_forwards)
+                    [int(x) for x in args.batch.split(",")], methods, args.n, vanilla_forwards=args.vanilla_forwards,
+                    dtype=args.dtype)
     md = table(results)
     print(md)
     if args.json:

@@ -1,7 +1,8 @@
 """Quality of a decoding method on a bundled model, on a fixed seeded held-out set.
 
     python -m bench.quality --model tiny-task --method llada [decoding options] [--n 40] --json
-        (without --gen-length each example gets the smallest canvas of 256/512/1024 that holds its answer)
+        (without --gen-length each example gets the smallest canvas of 256/512/1024 that holds its answer;
+         vanilla without --block-length decodes in blocks of 32)
     python -m bench.quality --model tiny-text --method fast_dllm_prefix --threshold 0.9 --json
 
 tiny-task: per-task exact match (deterministic tasks) or validity (many-answer tasks), answer lengths.
@@ -23,6 +24,9 @@ from engine.decoding import DecodeOptions
 from engine.llm import LLM
 
 VANILLA = {"llada": "llada", "dream": "dream"}
+# vanilla on tiny-task without --block-length: semi-autoregressive blocks of 32, the setting of LLaDA's own example
+# and the one the model card reports (one block of up to 1024 positions would be a different decoder)
+TASK_VANILLA_BLOCK = 32
 
 
 def is_task_model(llm: LLM) -> bool:
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(args.model, args.dtype)
     method = VANILLA[llm.spec.family] if args.method in (None, "vanilla") else args.method
     opts = decoding_options(args)
+    if is_task_model(llm) and args.method in (None, "vanilla") and opts.block_length is None:
+        opts = opts.with_(block_length=TASK_VANILLA_BLOCK)
     t0 = time.monotonic()
     if is_task_model(llm):
         scores = eval_task(llm, method, opts, args.n, args.seed, fixed_canvas=args.opt_gen_length is not None)

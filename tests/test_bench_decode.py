@@ -73,3 +73,30 @@ def test_vanilla_extrapolation_reports_the_full_runs_forwards_and_rows(monkeypat
     assert cut["forward_passes"] == full["forward_passes"] == 64
     assert cut["query_rows"] == full["query_rows"] == 64 * (32 + 64)
     assert "(timed 8 per group, scaled)" in decode.table([cut])
+
+
+@pytest.mark.skipif("tiny-task" not in bundled_names(), reason="tiny-task is not in this checkout")
+def test_task_prompts_alternate_tasks_in_equal_length_groups_that_fit_the_canvas():
+    from engine.llm import LLM
+
+    llm = LLM("tiny-task")
+    for batch, n in ((1, 6), (4, 16)):
+        prompts = decode.prompts_for(llm, "tiny-task", n, batch, 256)
+        assert len(prompts) == n
+        groups = [prompts[k:k + batch] for k in range(0, n, batch)]
+        assert [g[0][1].task for g in groups] == ["count", "sentences"] * (len(groups) // 2)
+        for g in groups:
+            assert len({len(ids) for ids, _ in g}) == 1 and len({ex.task for _, ex in g}) == 1
+        assert all(128 <= len(ex.answer) < 256 for _, ex in prompts)
+    row = decode.Row("tiny-task", 256, 1, "vanilla")
+    (_, count), (_, sentences) = decode.prompts_for(llm, "tiny-task", 2, 1, 256)
+    for ex in (count, sentences):
+        decode.tally(row, len(ex.answer), " ".join(ex.answer), ex)
+    decode.tally(row, 3, "w0 x0 y0", sentences)
+    assert row.per_task == {"count": [1, 1], "sentences": [1, 2]} and (row.correct, row.checked) == (2, 3)
+    assert "(count 1/1, sentences 1/2)" in decode.table([row.as_dict(None)])
+
+
+def test_window_options_parse_with_their_field_types():
+    assert decode.parse_options("threshold=0.9,active_tokens=8,refresh=full") == dict(
+        threshold=0.9, active_tokens=8, refresh="full")

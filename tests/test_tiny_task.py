@@ -69,3 +69,18 @@ def test_diffuserve_generate_answers_a_task_prompt():
     data = json.loads(out.strip().splitlines()[-1])
     assert tk.check_count(PROMPT_41.split(), data["text"].split()), data["text"]
     assert data["finish_reason"] == "stop"
+
+
+def test_bench_quality_vanilla_decodes_in_blocks_of_32_by_default(capsys):
+    """The done-when command `python -m bench.quality --model tiny-task --method vanilla --json` runs the decoder
+    the card reports (blocks of 32), here on its first held-out example. (float32: the suite pins torch's CPU kernels
+    to AVX2, where bf16 matmuls are unsupported.)"""
+    from bench.quality import main
+
+    assert main(["--model", "tiny-task", "--method", "vanilla", "--n", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["method"] == "llada" and report["options"]["block_length"] == 32
+    (task, row), = report["tasks"].items()
+    assert row["n"] == 1 and row["min_answer_tokens"] >= 128
+    assert row["exact_match" if task in tk.DETERMINISTIC else "validity"] == 1.0
+    assert report["generated_tokens"] >= 128

@@ -88,3 +88,27 @@ def test_eos_early_exit_fills_the_tail_and_stops(model):
             first = ids.index(model.spec.eos_id)
             assert set(ids[first:]) == {model.spec.eos_id}
         assert out.forward_calls <= 64
+
+
+def test_with_a_threshold_a_stalled_frontier_commits_after_stall_steps(model):
+    """Free choices (flat confidence) at the left must not wait while a sure token enters on the right every step:
+    after STALL_STEPS steps that commit none of the first FRONTIER masks, the most confident of them commits."""
+    from engine.decoding.window import FRONTIER, STALL_STEPS
+
+    dec = WindowDecoder(model, torch.tensor(_prompts(1)[0]), DecodeOptions(gen_length=32, threshold=0.9), None)
+    plan = dec.plan()
+    first = dec.masks()[:FRONTIER]
+    conf = torch.full((len(plan.candidates),), 0.1, dtype=torch.float64)
+    conf[-1] = 1.0  # only the rightmost candidate is sure
+    best_front = 2
+    conf[best_front] = 0.3
+    assert torch.equal(plan.positions[plan.candidates[:FRONTIER]], first)
+    chosen = dec._select(conf)
+    assert chosen.nonzero()[:, 0].tolist() == [len(conf) - 1]
+    for _ in range(STALL_STEPS - 1):
+        assert torch.equal(dec._keep_frontier_moving(plan, conf, chosen), chosen)
+    forced = dec._keep_frontier_moving(plan, conf, chosen)
+    assert forced.nonzero()[:, 0].tolist() == [best_front, len(conf) - 1]
+    conf[0] = 0.95  # a sure frontier token commits by itself and resets the count
+    assert torch.equal(dec._keep_frontier_moving(plan, conf, dec._select(conf)), dec._select(conf))
+    assert dec.stalled == 0

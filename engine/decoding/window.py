@@ -2,7 +2,8 @@
 
 Built from the same parts as the reference `window_llada`, with the changes a server wants:
  - commits only among the active masks (the first A masks), never in the far field, on every step;
- - confidence-threshold parallel decoding (`threshold`; at least one token per step) or the integer schedule;
+ - confidence-threshold parallel decoding (`threshold`; at least one token per step, and one of the first few
+   masks whenever the threshold picks none of them) or the integer schedule;
  - early exit: once an EOS is committed and everything left of it is decoded, the rest becomes EOS and it stops;
  - refresh policy `refresh`: "full" recomputes the whole canvas (as the reference), "window" only the prompt,
    the decoded tokens and the first W masks (the far field is pruned even then); a phase also ends early when its
@@ -26,6 +27,10 @@ from ..model import LLADA, DiffusionLM, ForwardBatch
 from .llada import new_canvas
 from .registry import DecodeOptions, DecodeResult, check, register
 from .sampling import gumbel_perturb, llada_schedule, threshold_select, top_k_select
+
+
+FRONTIER = 4  # with a threshold, after STALL_STEPS steps that commit none of the first FRONTIER masks, the best of
+STALL_STEPS = 4  # them commits
 
 
 class Phase(enum.Enum):
@@ -56,7 +61,7 @@ class WindowDecoder:
         self.logprobs = torch.zeros(self.x.shape[0])  # [N] log-probability of each committed token
         steps = opts.n_steps
         self.counts = llada_schedule((self.x == self.mask_id)[None], steps)[0].tolist()
-        self.step, self.since_refresh = 0, 0
+        self.step, self.since_refresh, self.stalled = 0, 0, 0
         self.max_steps = 4 * opts.gen_length  # a bound no schedule reaches: one commit per step at the least
         self.period = opts.refresh_cycle or 32  # the reference scripts' R
         self.W, self.A = opts.window_tokens, opts.active_tokens
@@ -119,6 +124,8 @@ class WindowDecoder:
             x0 = torch.argmax(gumbel_perturb(logits, self.opts.temperature, self.gen), dim=-1)
             conf = torch.gather(F.softmax(logits, dim=-1), -1, x0[:, None])[:, 0]
             chosen = self._select(conf)
+            if self.opts.threshold is not None:
+                chosen = self._keep_frontier_moving(plan, conf, chosen)
             pos = plan.positions[plan.candidates[chosen]]
             self.x[pos] = x0[chosen]
             self._masks = None
@@ -129,6 +136,24 @@ class WindowDecoder:
         self.step += 1
         self.since_refresh = 0 if was_refresh else self.since_refresh + 1
         self._advance()
+
+    def _keep_frontier_moving(self, plan: StepPlan, conf: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """With a threshold, some masks are free choices the model is never sure of (any valid word: confidence
+        ~0.1), while every step a sure token (punctuation, a number, EOS) enters the active set to its right and is
+        the step's one commit. The free masks then sit in the active set to the end of the canvas, one step per
+        token, and EOS early exit never fires (tiny-task's sentences: ~1014 steps on every 1024 canvas). So after
+        STALL_STEPS steps in a row that commit none of the first FRONTIER masks, the most confident of them commits
+        too. (Forcing one every step got unsure count digits wrong that a few more steps would have settled.)"""
+        front = torch.isin(plan.positions[plan.candidates], self.masks()[:FRONTIER])
+        if not front.any() or (chosen & front).any():
+            self.stalled = 0
+        elif self.stalled + 1 < STALL_STEPS:  # an unsure token usually settles as its neighbours commit: wait
+            self.stalled += 1
+        else:
+            chosen = chosen.clone()
+            chosen[torch.where(front, conf, -1.0).argmax()] = True
+            self.stalled = 0
+        return chosen
 
     def _select(self, conf: torch.Tensor) -> torch.Tensor:
         if self.opts.threshold is not None:

@@ -1,11 +1,13 @@
 """Training recipe of the bundled `tiny-task` model (LLaDA layout) on long-answer synthetic tasks.
 
     diffuserve train task --out models/tiny-task [--steps N] [--work DIR]
-    python -m engine.train.tiny_task --card models/tiny-task --quality QUALITY.json   # the card, with bench.quality
+    python -m engine.train.tiny_task --card models/tiny-task --quality QUALITY.json [--rerun DIR]
+        # the card, with bench.quality's report and a from-scratch rerun of the training command
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -92,8 +94,19 @@ QUALITY_COMMAND = ("python -m bench.quality --model tiny-task --method vanilla -
                    "--dtype bfloat16 --json")
 
 
-def write_task_card(out: Path, quality: dict | None = None) -> None:
-    """The model card from train_log.json, with bench.quality's report (QUALITY_COMMAND) when given."""
+def quality_lines(quality: dict) -> dict:
+    """bench.quality's per-task report as card lines: exact match for deterministic tasks, validity otherwise."""
+    lines = {}
+    for task, row in quality["tasks"].items():
+        metric = "exact_match" if task in tk.DETERMINISTIC else "validity"
+        lines[f"{task} {metric}"] = (f"{row[metric]:.1%} of {row['n']} (answers {row['min_answer_tokens']}-"
+                                     f"{row['max_answer_tokens']} tokens, mean {row['mean_answer_tokens']})")
+    return lines
+
+
+def write_task_card(out: Path, quality: dict | None = None, rerun: tuple[Path, dict] | None = None) -> None:
+    """The model card from train_log.json, with bench.quality's report (QUALITY_COMMAND) when given, and a
+    from-scratch rerun of the same training command (its output directory and its bench.quality report)."""
     from .card import write_card
 
     record = json.loads((out / "train_log.json").read_text())
@@ -101,12 +114,19 @@ def write_task_card(out: Path, quality: dict | None = None) -> None:
     scores = {f"final {k} (half the answer masked)": v for k, v in (evals[-1] if evals else {}).items()}
     if quality is not None:
         scores["bench.quality command"] = f"`{QUALITY_COMMAND}`"
-        for task, row in quality["tasks"].items():
-            metric = "exact_match" if task in tk.DETERMINISTIC else "validity"
-            scores[f"{task} {metric}"] = (f"{row[metric]:.1%} of {row['n']} (answers {row['min_answer_tokens']}-"
-                                          f"{row['max_answer_tokens']} tokens, mean {row['mean_answer_tokens']})")
+        scores.update(quality_lines(quality))
         scores["vanilla forward passes"] = quality["forward_passes"]
         scores["vanilla wall time"] = f"{quality['wall_time_s']:.0f} s"
+    if rerun is not None:
+        rerun_dir, q = rerun
+        rec = json.loads((rerun_dir / "train_log.json").read_text())
+        digests = [hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() for d in (out, rerun_dir)]
+        line = (f"the training command rerun from scratch took {rec['wall_time_s'] / 60:.1f} minutes and wrote "
+                + ("bit-identical weights (model.safetensors sha256 " + digests[0][:16] + "...), so the scores above "
+                   "are its scores" if digests[0] == digests[1] else "different weights"))
+        if q is not None:
+            line += "; bench.quality on it: " + "; ".join(f"{k} {v}" for k, v in quality_lines(q).items())
+        scores["reproduction"] = line
     write_card(out, "tiny-task", "A small masked-diffusion LM trained on synthetic tasks with long answers and exact "
                "checkers, so every acceleration's effect on quality can be measured exactly (bench.quality) at "
                "canvases up to 1024 positions, in the LLaDA layout like tiny-text.", DATA_NOTE,
@@ -119,12 +139,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="write tiny-task's model card")
     ap.add_argument("--card", required=True, help="the trained model directory")
     ap.add_argument("--quality", help="bench.quality --json output to include")
+    ap.add_argument("--rerun", help="a from-scratch rerun's output directory (train_log.json, model.safetensors)")
+    ap.add_argument("--rerun-quality", help="bench.quality --json output of the rerun's model")
     args = ap.parse_args(argv)
-    quality = None
-    if args.quality:
-        text = Path(args.quality).read_text().strip().splitlines()[-1]  # the JSON line
-        quality = json.loads(text)
-    write_task_card(Path(args.card), quality)
+
+    def read_json(path):  # bench.quality prints progress before its JSON line
+        return json.loads(Path(path).read_text().strip().splitlines()[-1])
+
+    quality = read_json(args.quality) if args.quality else None
+    rerun_q = read_json(args.rerun_quality) if args.rerun_quality else None
+    rerun = (Path(args.rerun), rerun_q) if args.rerun else None
+    write_task_card(Path(args.card), quality, rerun)
     return 0
 
 
