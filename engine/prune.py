@@ -229,6 +229,9 @@ def run(model_dir: Path, out: Path, cfg: PruneConfig, calib: str = "task", log=N
 
 def decoded_quality(model_dir: Path, method: str, n: int, seed: int = 0) -> dict:
     """bench.quality's held-out task evaluation (decoded answers, exact checkers) of one checkpoint."""
+    repo = Path(__file__).resolve().parents[1]  # an editable install: the `diffuserve` script's sys.path lacks it
+    if (repo / "bench" / "quality.py").is_file() and str(repo) not in sys.path:
+        sys.path.append(str(repo))
     try:
         from bench.quality import eval_task
     except ImportError as exc:  # an installed package without the repository's bench/
