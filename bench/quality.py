@@ -117,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     add_decoding_flags(p)
     args = p.parse_args(argv)
     llm = LLM(args.model, args.dtype)
-    method = VANILLA[llm.spec.family] if args.method in (None, "vanilla") else args.method
+    vanilla = args.method in (None, "vanilla")
+    method = VANILLA[llm.spec.family] if vanilla else args.method
     opts = decoding_options(args)
-    if is_task_model(llm) and args.method in (None, "vanilla") and opts.block_length is None:
+    if vanilla and is_task_model(llm) and opts.block_length is None:
         opts = opts.with_(block_length=TASK_VANILLA_BLOCK)
     t0 = time.monotonic()
     if is_task_model(llm):

@@ -2,8 +2,8 @@
 
 Built from the same parts as the reference `window_llada`, with the changes a server wants:
  - commits only among the active masks (the first A masks), never in the far field, on every step;
- - confidence-threshold parallel decoding (`threshold`; at least one token per step, and one of the first few
-   masks whenever the threshold picks none of them) or the integer schedule;
+ - confidence-threshold parallel decoding (`threshold`; at least one token per step, and one of the first
+   FRONTIER masks after STALL_STEPS steps in a row that committed none of them) or the integer schedule;
  - early exit: once an EOS is committed and everything left of it is decoded, the rest becomes EOS and it stops;
  - refresh policy `refresh`: "full" recomputes the whole canvas (as the reference), "window" only the prompt,
    the decoded tokens and the first W masks (the far field is pruned even then); a phase also ends early when its
