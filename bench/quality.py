@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="tiny-task, tiny-text, or a model directory")
     p.add_argument("--n", type=int, default=40, help="held-out examples")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (default): the checkpoint's stored dtype (bf16 for the bundled models); or float32, ...")
     add_decoding_flags(p)
     args = p.parse_args(argv)
     llm = LLM(args.model, args.dtype)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .decoding import METHODS, DecodeOptions
 from .model import DTYPES
+from .model.loader import AUTO
 from .model.bundled import resolve_model
 
 DEFAULT_METHOD = {"llada": "llada", "dream": "dream"}  # offline default: the family's reference sampler
@@ -73,8 +74,8 @@ class Config:
             errors.append("model.path is required")
         elif not Path(self.model.path).is_dir():
             errors.append(f"model.path {self.model.path!r} is not a directory")
-        if self.model.dtype not in DTYPES:
-            errors.append(f"model.dtype must be one of {sorted(DTYPES)}")
+        if self.model.dtype not in DTYPES and self.model.dtype != AUTO:
+            errors.append(f"model.dtype must be one of {sorted(DTYPES) + [AUTO]}")
         if self.model.device not in ("cpu", "cuda") and not self.model.device.startswith("cuda:"):
             errors.append("model.device must be cpu or cuda[:N]")
         if self.decoding.method is not None and self.decoding.method not in METHODS:

@@ -67,3 +67,15 @@ def test_a_verifier_that_does_not_resolve_is_named(tmp_path, monkeypatch):
                    "  options:\n    verifier: /nonexistent-ar\n")
     with pytest.raises(ValueError, match="decoding.options.verifier"):
         build_config(str(bad))
+
+
+def test_auto_dtype_is_accepted_and_loads_the_stored_dtype(monkeypatch):
+    """`--dtype auto` (vLLM's spelling) validates, and the loader reads it as config.json's torch_dtype."""
+    monkeypatch.chdir(ROOT)
+    import torch
+
+    from engine.model.loader import resolve_dtype
+
+    cfg = build_config("configs/llada-tiny.yaml", model__dtype="auto")
+    assert cfg.model.dtype == "auto"
+    assert resolve_dtype(cfg.model.path, cfg.model.dtype) == torch.bfloat16  # the parity checkpoint stores bf16

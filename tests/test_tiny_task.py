@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.decoding import DecodeOptions
-from engine.model.bundled import MODELS_DIR, bundled_names
+from engine.model.bundled import MODELS_DIR, bundled_names, resolve_model
 from engine.train import task_data as tk
 
 pytestmark = pytest.mark.skipif("tiny-task" not in bundled_names(), reason="tiny-task is not in this checkout")
@@ -73,14 +74,21 @@ def test_diffuserve_generate_answers_a_task_prompt():
 
 def test_bench_quality_vanilla_decodes_in_blocks_of_32_by_default(capsys):
     """The done-when command `python -m bench.quality --model tiny-task --method vanilla --json` runs the decoder
-    the card reports (blocks of 32), here on its first held-out example. (float32: the suite pins torch's CPU kernels
-    to AVX2, where bf16 matmuls are unsupported.)"""
+    the card reports (blocks of 32), here on its first held-out example. (float32, where the command's default is the
+    checkpoint's bf16: the suite pins torch's CPU kernels to AVX2, where bf16 matmuls are unsupported.)"""
     from bench.quality import main
 
-    assert main(["--model", "tiny-task", "--method", "vanilla", "--n", "1", "--json"]) == 0
+    assert main(["--model", "tiny-task", "--method", "vanilla", "--n", "1", "--json", "--dtype", "float32"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["method"] == "llada" and report["options"]["block_length"] == 32
     (task, row), = report["tasks"].items()
     assert row["n"] == 1 and row["min_answer_tokens"] >= 128
     assert row["exact_match" if task in tk.DETERMINISTIC else "validity"] == 1.0
     assert report["generated_tokens"] >= 128
+
+
+def test_auto_dtype_is_the_checkpoints_stored_dtype():
+    from engine.model.loader import resolve_dtype
+
+    assert resolve_dtype(resolve_model("tiny-task"), "auto") == torch.bfloat16  # config.json torch_dtype
+    assert resolve_dtype(resolve_model("tiny-task"), "float32") == torch.float32

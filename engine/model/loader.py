@@ -22,6 +22,16 @@ log = logging.getLogger("diffuserve.loader")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
+AUTO = "auto"  # the dtype the checkpoint stores (config.json torch_dtype), as vLLM's --dtype auto
+
+
+def resolve_dtype(model_dir: str | Path, dtype: str | torch.dtype) -> torch.dtype:
+    if not isinstance(dtype, str):
+        return dtype
+    if dtype == AUTO:
+        stored = json.loads((Path(model_dir) / "config.json").read_text()).get("torch_dtype", "float32")
+        return DTYPES.get(stored, torch.float32)
+    return DTYPES[dtype]
 
 # Our parameter name -> published name, per family. "{i}" is the layer index.
 _LLADA_NAMES = {
@@ -91,7 +101,7 @@ def _shard_files(model_dir: Path) -> dict[str, Path]:
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
                device: str = "cpu") -> DiffusionLM:
     model_dir = Path(model_dir)
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    torch_dtype = resolve_dtype(model_dir, dtype)
     spec = load_spec(model_dir)
     t0 = time.monotonic()
     with torch.device("meta"):
