@@ -225,8 +225,9 @@ def run_engine(llm, opts: DecodeOptions, group, row: Row) -> None:
     assert pool.pages_in_use == 0, "a finished request kept KV pages"
 
 
-def options_for(model: str, method: str, gen: int) -> DecodeOptions | None:
-    opts = DecodeOptions(gen_length=gen, steps=gen, **METHOD_OPTIONS[method])
+def options_for(model: str, method: str, gen: int, overrides: dict | None = None) -> DecodeOptions | None:
+    # overrides (from --window) go on top of the method's table entry; the table itself stays as defined
+    opts = DecodeOptions(gen_length=gen, steps=gen, **{**METHOD_OPTIONS[method], **(overrides or {})})
     if method != "guided":
         return opts
     from engine.model.bundled import bundled_names
@@ -236,7 +237,7 @@ def options_for(model: str, method: str, gen: int) -> DecodeOptions | None:
 
 
 def bench(models, lengths, batches, methods, n, out=sys.stderr, vanilla_forwards: int = 0,
-          dtype: str = "float32") -> list[dict]:
+          dtype: str = "float32", overrides: dict | None = None) -> list[dict]:
     results = []
     for name in models:
         llm = load(name, dtype)
@@ -250,7 +251,7 @@ def bench(models, lengths, batches, methods, n, out=sys.stderr, vanilla_forwards
                     continue
                 rows = {}
                 for method in methods:
-                    opts = options_for(name, method, gen)
+                    opts = options_for(name, method, gen, (overrides or {}).get(method))
                     if opts is None:
                         print(f"{name}: {method} skipped (no bundled verifier for this model)", file=out, flush=True)
                         continue
@@ -364,11 +365,10 @@ def main(argv=None) -> int:
     if unknown or "vanilla" not in methods:
         ap.error(f"methods must include vanilla and come from {sorted(METHOD_OPTIONS)}; unknown: {unknown}")
     methods = ["vanilla"] + [m for m in methods if m != "vanilla"]  # the baseline first: speed-ups need it
-    if args.window:
-        METHOD_OPTIONS["window"] = {**METHOD_OPTIONS["window"], **parse_options(args.window)}
+    overrides = {"window": parse_options(args.window)} if args.window else None
     results = bench(args.models.split(","), [int(x) for x in args.lengths.split(",")],
                     [int(x) for x in args.batch.split(",")], methods, args.n, vanilla_forwards=args.vanilla_forwards,
-                    dtype=args.dtype)
+                    dtype=args.dtype, overrides=overrides)
     md = table(results)
     print(md)
     if args.json:

@@ -46,6 +46,14 @@ def test_guided_is_skipped_without_a_verifier():
     assert decode.options_for("tiny-text", "freecache", 64).threshold == 0.9
 
 
+def test_window_overrides_apply_to_that_run_and_leave_the_method_table_alone():
+    before = dict(decode.METHOD_OPTIONS["window"])
+    opts = decode.options_for("tiny-text", "window", 64, decode.parse_options("threshold=0.5,active_tokens=3"))
+    assert (opts.threshold, opts.active_tokens) == (0.5, 3)
+    assert decode.METHOD_OPTIONS["window"] == before
+    assert decode.options_for("tiny-text", "window", 64).threshold == before["threshold"] == 0.95
+
+
 def test_sweep_measures_each_setting_and_fewer_active_tokens_compute_fewer_rows():
     from bench import sweep
 
