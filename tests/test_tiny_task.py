@@ -92,3 +92,29 @@ def test_auto_dtype_is_the_checkpoints_stored_dtype():
 
     assert resolve_dtype(resolve_model("tiny-task"), "auto") == torch.bfloat16  # config.json torch_dtype
     assert resolve_dtype(resolve_model("tiny-task"), "float32") == torch.float32
+
+
+@pytest.mark.skipif("tiny-task-ar" not in bundled_names(), reason="tiny-task-ar is not in this checkout")
+def test_tiny_task_ar_verifies_tiny_task_drafts(llm):
+    """The shipped verifier shares tiny-task's token ids, loads as a transformers causal LM, and guided decoding
+    with it is exactly its greedy continuation, which answers the count prompt right, in fewer diffusion forwards
+    than tokens (the drafts are mostly accepted)."""
+    from engine.decoding.guided import load_verifier
+
+    ar = MODELS_DIR / "tiny-task-ar"
+    assert (ar / "tokenizer.json").read_bytes() == (MODELS_DIR / "tiny-task" / "tokenizer.json").read_bytes()
+    assert "diffuserve train task-ar" in (ar / "README.md").read_text()
+    lm = load_verifier("tiny-task-ar")
+    words = ["count", "down", "from", *tk.num(30)]
+    ids = llm.encode(" ".join(words), chat=True)
+    out = llm.generate(ids, "guided", DecodeOptions(gen_length=256, verifier="tiny-task-ar"), seed=0)
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(256):
+            seq.append(int(lm(torch.tensor([seq])).logits[0, -1].argmax()))
+            if seq[-1] == llm.spec.eos_id:
+                break
+    want = seq[len(ids):]
+    assert out.canvas_ids[:len(want)] == want
+    assert tk.check_count(words, out.completion.text.split()), out.completion.text
+    assert out.forward_calls < len(want) / 2
