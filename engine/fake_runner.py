@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .model.spec import ModelSpec
-from .runner import StepStats
+from .runner import Rows, StepStats
 
 
 @dataclass
@@ -36,7 +36,7 @@ class FakeRunner:
     fatal_token: int | None = None
     batches: list[int] = field(default_factory=list)  # requests per step, for assertions
 
-    def step(self, work) -> tuple[list[torch.Tensor], StepStats]:
+    def step(self, work) -> tuple[list[Rows], StepStats]:
         if self.delay:
             time.sleep(self.delay)
         self.batches.append(len(work))
@@ -54,6 +54,6 @@ class FakeRunner:
             rows = plan.positions[plan.candidates] - dec.prompt_len  # [R] offsets into the generation
             logits = torch.zeros(len(rows), self.spec.vocab_size)
             logits[torch.arange(len(rows)), torch.tensor([want[int(r)] for r in rows], dtype=torch.long)] = 20.0
-            out.append(logits)
+            out.append(Rows.of(logits))
             stats.rows += len(plan.positions)
         return out, stats

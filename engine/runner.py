@@ -16,9 +16,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .model import DiffusionLM, ForwardBatch
 from .model.kv_pool import KVHandle, KVPool, PoolView
+
+
+@dataclass
+class Rows:
+    """One request's share of a step's output: the logits of its candidate rows and, computed for the whole batch
+    at once, each row's greedy token and its probability (what a temperature-0 commit needs; per request these
+    were three small ops each, a cost that grew with the batch)."""
+
+    logits: torch.Tensor  # [R, V]
+    greedy: torch.Tensor  # [R] argmax token
+    prob: torch.Tensor  # [R] its softmax probability, in the logits' dtype
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> Rows:
+        """One request's logits [R, V] alone."""
+        greedy = logits.argmax(-1)
+        return cls(logits, greedy, torch.gather(F.softmax(logits, dim=-1), -1, greedy[:, None])[:, 0])
 
 
 @dataclass
@@ -35,12 +53,15 @@ class ModelRunner:
         self.view = PoolView(pool)
 
     @torch.inference_mode()
-    def step(self, work: list[tuple[object, KVHandle, object]]) -> tuple[list[torch.Tensor], StepStats]:
+    def step(self, work: list[tuple[object, KVHandle, object]]) -> tuple[list[Rows], StepStats]:
         """work: (decoder, handle, plan) per request, where the decoder has a canvas `x` [N] and the plan has
-        positions [T], keys [K] or None (the whole canvas) and candidates [R]. -> logits [R, V] per request."""
+        positions [T], keys [K] or None (the whole canvas) and candidates [R]. -> Rows (logits [R, V]) per request."""
         fb, counts = self._pack(work)
         logits = self.model.forward(fb)  # [B, Rmax, V]
-        out = [logits[b, :r] for b, r in enumerate(counts)]
+        # A row's softmax does not depend on the other rows: the batched result equals each request's own.
+        greedy = logits.argmax(-1)  # [B, Rmax]
+        prob = torch.gather(F.softmax(logits, dim=-1), -1, greedy[..., None])[..., 0]  # [B, Rmax]
+        out = [Rows(logits[b, :r], greedy[b, :r], prob[b, :r]) for b, r in enumerate(counts)]
         stats = StepStats(requests=len(work))
         for dec, _, plan in work:
             n = dec.x.shape[0]

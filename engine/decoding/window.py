@@ -115,14 +115,19 @@ class WindowDecoder:
                             key_len=self.x.shape[0] if keys is None else None,
                             logits_rows=plan.candidates[None])
 
-    def commit(self, plan: StepPlan, logits: torch.Tensor) -> None:
-        """logits [R, V] for plan.candidates: choose, commit, advance the phase."""
+    def commit(self, plan: StepPlan, logits: torch.Tensor, greedy: tuple | None = None) -> None:
+        """logits [R, V] for plan.candidates: choose, commit, advance the phase. greedy: (tokens [R], their
+        probabilities [R]) already computed from these logits (a batch computes them at once); used at
+        temperature 0, where they are exactly what this would compute."""
         was_refresh = self.phase is Phase.REFRESH
         self.forward_calls += 1
         self.refresh_calls += int(was_refresh)
         if len(plan.candidates):
-            x0 = torch.argmax(gumbel_perturb(logits, self.opts.temperature, self.gen), dim=-1)
-            conf = torch.gather(F.softmax(logits, dim=-1), -1, x0[:, None])[:, 0]
+            if greedy is not None and self.opts.temperature == 0:
+                x0, conf = greedy
+            else:
+                x0 = torch.argmax(gumbel_perturb(logits, self.opts.temperature, self.gen), dim=-1)
+                conf = torch.gather(F.softmax(logits, dim=-1), -1, x0[:, None])[:, 0]
             chosen = self._select(conf)
             if self.opts.threshold is not None:
                 chosen = self._keep_frontier_moving(plan, conf, chosen)
