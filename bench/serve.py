@@ -20,10 +20,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import aclosing, contextmanager
 from dataclasses import asdict, dataclass, field
-
-import httpx
+from urllib.parse import urlsplit
 
 PROMPTS = ["ROMEO.\n", "JULIET.\nO Romeo, Romeo,", "KING LEAR.\n", "HAMLET.\nTo be, or not to be",
            "First Citizen.\nBefore we proceed any further,", "PORTIA.\nThe quality of mercy", "MACBETH.\n",
@@ -48,32 +48,82 @@ class Level:
     stats: dict = field(default_factory=dict)
 
 
-async def one(client: httpx.AsyncClient, prompt: str, max_tokens: int, timeout: float) -> Sample:
+class Stream:
+    """One streamed POST over its own connection, read as SSE events. A bare HTTP/1.1 client on asyncio's streams:
+    the load generator shares the server's two cores, and httpx's pure-Python parsing of every chunk cost about as
+    much CPU per token as the server's own work, which would cap the concurrent levels by the client, not the
+    server."""
+
+    def __init__(self, base: str):
+        url = urlsplit(base)
+        self.host, self.port = url.hostname, url.port or 80
+
+    async def events(self, path: str, body: dict) -> AsyncIterator[bytes | int]:
+        """Yields the status code, then each event's bytes (without `data: ` and the blank line)."""
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            data = json.dumps(body).encode()
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+            status = int((await reader.readline()).split()[1])
+            chunked = False
+            while (h := await reader.readline()) not in (b"\r\n", b""):
+                chunked |= h.lower().startswith(b"transfer-encoding:") and b"chunked" in h.lower()
+            yield status
+            buf = b""
+            async for piece in _body(reader, chunked):
+                buf += piece
+                *done, buf = buf.split(b"\n\n")
+                for ev in done:
+                    if ev.startswith(b"data: "):
+                        yield ev[6:]
+        finally:
+            writer.close()
+
+
+async def _body(reader: asyncio.StreamReader, chunked: bool) -> AsyncIterator[bytes]:
+    if not chunked:  # read to the connection's end
+        while piece := await reader.read(65536):
+            yield piece
+        return
+    while size := int((await reader.readline()).split(b";")[0], 16):
+        yield await reader.readexactly(size)
+        await reader.readline()  # the CRLF after each chunk
+
+
+async def one(client: Stream, prompt: str, max_tokens: int, timeout: float) -> Sample:
     s = Sample("failed", time.perf_counter())
     body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     try:
-        async with client.stream("POST", "/v1/completions", json=body, timeout=timeout) as r:
-            if r.status_code in (429, 503):
-                s.status = "rejected"
-                return s
-            if r.status_code != 200:
-                return s
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                ev = json.loads(line[6:])
-                if "error" in ev:
-                    return s
-                if s.ttft is None and any(c.get("text") for c in ev.get("choices", [])):
-                    s.ttft = time.perf_counter() - s.start
-                if ev.get("usage"):
-                    s.tokens = ev["usage"]["completion_tokens"]
-            s.end, s.status = time.perf_counter(), "ok"
-    except httpx.TimeoutException:
+        await asyncio.wait_for(_read(client, body, s), timeout)
+    except asyncio.TimeoutError:
         s.status = "aborted"
-    except httpx.HTTPError:
+    except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):  # refused, reset, or not HTTP
         s.status = "failed"
     return s
+
+
+async def _read(client: Stream, body: dict, s: Sample) -> None:
+    async with aclosing(client.events("/v1/completions", body)) as events:
+        status = await anext(events)
+        if status in (429, 503):
+            s.status = "rejected"
+            return
+        if status != 200:
+            return
+        async for ev in events:
+            if ev == b"[DONE]":
+                s.end, s.status = time.perf_counter(), "ok"
+                return
+            # Only the events that can matter are parsed: up to the first text, an error, the usage chunk.
+            if s.ttft is None or b'"error":' in ev or b'"usage": {' in ev:
+                obj = json.loads(ev)
+                if "error" in obj:
+                    return
+                if s.ttft is None and any(c.get("text") for c in obj.get("choices", [])):
+                    s.ttft = time.perf_counter() - s.start
+                if obj.get("usage"):
+                    s.tokens = obj["usage"]["completion_tokens"]
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -102,27 +152,27 @@ def summarize(level: Level, samples: list[Sample], sent: int) -> Level:
 async def run_concurrency(base: str, c: int, n: int, max_tokens: int, timeout: float) -> Level:
     samples: list[Sample] = []
     counter = iter(range(n))
-    async with httpx.AsyncClient(base_url=base, limits=httpx.Limits(max_connections=c + 4)) as client:
-        async def worker():
-            for i in counter:
-                samples.append(await one(client, PROMPTS[i % len(PROMPTS)], max_tokens, timeout))
+    client = Stream(base)
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(c)))
-        level = Level("concurrency", c, wall_s=time.perf_counter() - t0)
+    async def worker():
+        for i in counter:
+            samples.append(await one(client, PROMPTS[i % len(PROMPTS)], max_tokens, timeout))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(c)))
+    level = Level("concurrency", c, wall_s=time.perf_counter() - t0)
     return summarize(level, samples, n)
 
 
 async def run_rate(base: str, rate: float, n: int, max_tokens: int, timeout: float, seed: int) -> Level:
     rng = random.Random(seed)
-    async with httpx.AsyncClient(base_url=base, limits=httpx.Limits(max_connections=n + 4)) as client:
-        tasks = []
-        t0 = time.perf_counter()
-        for i in range(n):
-            tasks.append(asyncio.create_task(one(client, PROMPTS[i % len(PROMPTS)], max_tokens, timeout)))
-            await asyncio.sleep(rng.expovariate(rate))
-        samples = await asyncio.gather(*tasks)
-        level = Level("rate", rate, wall_s=time.perf_counter() - t0)
+    client, tasks = Stream(base), []
+    t0 = time.perf_counter()
+    for i in range(n):
+        tasks.append(asyncio.create_task(one(client, PROMPTS[i % len(PROMPTS)], max_tokens, timeout)))
+        await asyncio.sleep(rng.expovariate(rate))
+    samples = await asyncio.gather(*tasks)
+    level = Level("rate", rate, wall_s=time.perf_counter() - t0)
     return summarize(level, list(samples), n)
 
 
