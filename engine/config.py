@@ -1,7 +1,8 @@
 """The one configuration tree, frozen and validated once at start-up.
 
 YAML files (configs/), environment variables (DIFFUSERVE_*) and CLI flags only *build* it, in that order of
-precedence (CLI wins); nothing reads settings from anywhere else after start-up.
+precedence (CLI wins); nothing reads settings from anywhere else after start-up. A bundled model served without a
+YAML file gets its own, configs/<name>.yaml (its measured serving defaults).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from .decoding import METHODS, DecodeOptions
 from .model import DTYPES
 from .model.loader import AUTO
-from .model.bundled import resolve_model
+from .model.bundled import DEFAULT_MODEL, MODELS_DIR, bundled_names, resolve_model
 
 DEFAULT_METHOD = {"llada": "llada", "dream": "dream"}  # offline default: the family's reference sampler
 SERVING_METHOD = {"llada": "window", "dream": "dream"}  # server default when neither request nor config names one
@@ -22,7 +23,7 @@ SERVING_METHOD = {"llada": "window", "dream": "dream"}  # server default when ne
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = ""
-    dtype: str = "float32"
+    dtype: str = "auto"  # the checkpoint's stored dtype (float32 on a CPU without native bf16), as vLLM
     device: str = "cpu"
     served_model_name: str | None = None
 
@@ -81,7 +82,7 @@ class Config:
         if self.decoding.method is not None and self.decoding.method not in METHODS:
             errors.append(f"decoding.method {self.decoding.method!r} unknown; known: {sorted(METHODS)}")
         if self.decoding.options.verifier is not None:
-            from .model.bundled import resolve_model
+            from .model.bundled import DEFAULT_MODEL, MODELS_DIR, bundled_names, resolve_model
 
             try:
                 resolve_model(self.decoding.options.verifier)
@@ -112,9 +113,20 @@ def _section(cls, values: dict, where: str):
     return values
 
 
+def bundled_config(model: str | None) -> str | None:
+    """A bundled model served without --config gets its measured serving defaults, configs/<name>.yaml beside
+    models/ (the default model included); a directory path gets none."""
+    name = model or DEFAULT_MODEL
+    if "/" in name or name not in bundled_names():
+        return None
+    path = MODELS_DIR.parent / "configs" / f"{name}.yaml"
+    return str(path) if path.is_file() else None
+
+
 def build_config(yaml_path: str | None = None, **overrides) -> Config:
     """YAML, then DIFFUSERVE_* environment, then keyword overrides (section__key=value, None = not given)."""
     raw: dict[str, dict] = {"model": {}, "decoding": {}, "server": {}, "engine": {}}
+    yaml_path = yaml_path or bundled_config(overrides.get("model__path") or os.environ.get("DIFFUSERVE_MODEL"))
     if yaml_path:
         import yaml  # pyyaml comes with transformers
 

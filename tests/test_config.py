@@ -78,4 +78,22 @@ def test_auto_dtype_is_accepted_and_loads_the_stored_dtype(monkeypatch):
 
     cfg = build_config("configs/llada-tiny.yaml", model__dtype="auto")
     assert cfg.model.dtype == "auto"
+    monkeypatch.setattr("engine.model.loader.native_bf16", lambda: True)
     assert resolve_dtype(cfg.model.path, cfg.model.dtype) == torch.bfloat16  # the parity checkpoint stores bf16
+    # A CPU without native bf16 computes it in float32 (emulated bf16 is several times slower); a GPU does not care
+    monkeypatch.setattr("engine.model.loader.native_bf16", lambda: False)
+    assert resolve_dtype(cfg.model.path, cfg.model.dtype) == torch.float32
+    assert resolve_dtype(cfg.model.path, cfg.model.dtype, "cuda:0") == torch.bfloat16
+    assert resolve_dtype(cfg.model.path, "bfloat16") == torch.bfloat16  # a dtype asked for by name is kept
+
+
+def test_auto_is_the_default_dtype_and_native_bf16_follows_torchs_kernels():
+    """Served without a dtype, a model gets `auto`; under ATEN_CPU_CAPABILITY=avx2 (the suite's pin: torch's AVX2
+    kernels have no bf16 matmul) no CPU counts as native bf16."""
+    import os
+
+    from engine.model.loader import native_bf16
+
+    assert build_config().model.dtype == "auto"
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
+        assert not native_bf16()

@@ -87,9 +87,10 @@ def test_bench_quality_vanilla_decodes_in_blocks_of_32_by_default(capsys):
     assert report["generated_tokens"] >= 128
 
 
-def test_auto_dtype_is_the_checkpoints_stored_dtype():
+def test_auto_dtype_is_the_checkpoints_stored_dtype(monkeypatch):
     from engine.model.loader import resolve_dtype
 
+    monkeypatch.setattr("engine.model.loader.native_bf16", lambda: True)
     assert resolve_dtype(resolve_model("tiny-task"), "auto") == torch.bfloat16  # config.json torch_dtype
     assert resolve_dtype(resolve_model("tiny-task"), "float32") == torch.float32
 
