@@ -21,6 +21,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from typing import AsyncIterator
 
 import torch
@@ -282,21 +283,45 @@ class RequestGroup:
                 self.engine.abort(req)
 
 
+class Mailbox:
+    """Outputs cross from the engine thread to one event loop in batches: a step's outputs for many requests wake
+    the loop once, not once each (each wake-up is a self-pipe write and a loop iteration holding the GIL that the
+    engine thread is waiting for)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock = loop, [], threading.Lock()
+
+    def post(self, queue: asyncio.Queue, out: RequestOutput) -> None:
+        with self.lock:
+            self.items.append((queue, out))
+            first = len(self.items) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, out in items:
+            queue.put_nowait(out)
+
+
 class AsyncEngine:
     """The server's view of the engine: `submit` from the event loop, then iterate the outputs."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its Mailbox
 
     def submit(self, makers: list) -> RequestGroup:
         """makers: callables sink -> Request. Raises QueueFull / Draining / ValueError before any output; then
         the requests already submitted are aborted, so a body's choices are taken all or none."""
         loop = asyncio.get_running_loop()
+        box = self._mailboxes.get(loop) or self._mailboxes.setdefault(loop, Mailbox(loop))
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         group = RequestGroup(self.engine, queue)
         try:
             for i, make in enumerate(makers):
-                req = make(lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+                req = make(lambda out: box.post(queue, out))
                 self.engine.submit(req)
                 group.requests.append(req)
                 group.index[req.request_id] = i

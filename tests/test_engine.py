@@ -164,6 +164,39 @@ def test_refresh_and_pruned_steps_share_a_forward():
     assert phases[0] == ["pruned", "refresh"]
 
 
+def test_mailbox_delivers_a_batch_of_outputs_with_one_loop_wake_up():
+    """Outputs posted from the engine thread reach their queues in order, and a burst of them (one step's outputs
+    for many requests) costs the event loop one wake-up, not one each."""
+    import asyncio
+    import threading
+
+    from engine.engine import Mailbox
+    from engine.request import RequestOutput
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        box, queues = Mailbox(loop), [asyncio.Queue() for _ in range(4)]
+        wakeups = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda fn, *a: (wakeups.append(fn), real(fn, *a))[1]
+
+        def engine_step(step):  # what one engine step's emits do, on another thread
+            for i, q in enumerate(queues):
+                box.post(q, RequestOutput(f"r{i}", f"{step}", [step], []))
+
+        for step in range(3):
+            t = threading.Thread(target=engine_step, args=(step,))
+            t.start()
+            t.join()
+            await asyncio.sleep(0)  # the loop delivers
+        got = [[(await q.get()).text for _ in range(3)] for q in queues]
+        return got, len(wakeups)
+
+    got, wakeups = asyncio.run(main())
+    assert got == [["0", "1", "2"]] * 4
+    assert wakeups == 3  # one per step, for 4 requests' outputs each
+
+
 # -- the real model -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
