@@ -31,6 +31,7 @@ from .runner import ModelRunner, StepStats
 from .scheduler import Draining, Scheduler
 
 log = logging.getLogger("diffuserve.engine")
+SETTLE_TIMEOUT_S = 0.05  # the longest a step waits for the event loop to take the previous step's outputs
 
 
 class FatalEngineError(RuntimeError):
@@ -46,6 +47,7 @@ class Engine:
     def __init__(self, model, scheduler: Scheduler, runner: ModelRunner, metrics=None, threads: int | None = None):
         self.model, self.scheduler, self.runner, self.metrics = model, scheduler, runner, metrics
         self.threads = threads
+        self.after_step: list = []  # called on the engine thread after each step (AsyncEngine's settle)
         self.lock = threading.Condition()
         self.steps = 0
         self.fatal: BaseException | None = None  # set when a fatal error stopped the loop
@@ -131,6 +133,9 @@ class Engine:
                     self._die(exc)
                     return
                 log.exception("engine step failed")
+            finally:  # the step's outputs go out even when it failed (and the engine's last ones when it died)
+                for hook in self.after_step:
+                    hook()
 
     def _die(self, exc: BaseException) -> None:
         log.critical("fatal engine error, stopping: %s", exc, exc_info=exc)
@@ -284,25 +289,48 @@ class RequestGroup:
 
 
 class Mailbox:
-    """Outputs cross from the engine thread to one event loop in batches: a step's outputs for many requests wake
-    the loop once, not once each (each wake-up is a self-pipe write and a loop iteration holding the GIL that the
-    engine thread is waiting for)."""
+    """Outputs cross from the engine thread to one event loop in batches. Posts made on the engine thread during a
+    step are held until the step ends (`flush`): the loop then wakes once for all of them, and writes them while
+    the engine waits (`settle`), instead of both threads running at once on few cores. Posts from any other thread
+    (a rejection at submit) wake the loop at once."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.items, self.lock = loop, [], threading.Lock()
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine_thread: threading.Thread):
+        self.loop, self.engine_thread = loop, engine_thread
+        self.items, self.lock = [], threading.Lock()
+        self.woken = False  # a _deliver is scheduled and has not yet taken the items
+        self.delivered = threading.Event()
+        self.delivered.set()
 
     def post(self, queue: asyncio.Queue, out: RequestOutput) -> None:
         with self.lock:
             self.items.append((queue, out))
-            first = len(self.items) == 1
-        if first:
+        if threading.current_thread() is not self.engine_thread:
+            self.flush()
+
+    def flush(self) -> None:
+        """Wake the loop for the held items (once, however many)."""
+        with self.lock:
+            if not self.items or self.woken:
+                return
+            self.woken = True
+            self.delivered.clear()
+        try:
             self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.delivered.set()
 
     def _deliver(self) -> None:
         with self.lock:
-            items, self.items = self.items, []
+            items, self.items, self.woken = self.items, [], False
         for queue, out in items:
             queue.put_nowait(out)
+        # The readers woken above are already in the loop's FIFO ready queue: this runs after they have written.
+        self.loop.call_soon(self.delivered.set)
+
+    def settle(self, timeout: float) -> None:
+        """On the engine thread: deliver what the step posted and wait until the loop has written it."""
+        self.flush()
+        self.delivered.wait(timeout)
 
 
 class AsyncEngine:
@@ -311,12 +339,24 @@ class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its Mailbox
+        self._boxes_lock = threading.Lock()
+        engine.after_step.append(self._settle)
+
+    def _settle(self) -> None:
+        # The engine's next step waits for the event loop to write this step's outputs. On few cores the two
+        # threads otherwise run at once and each slows the other more than the loop's work takes on its own:
+        # the OpenMP team of the step stalls whenever one of its threads is preempted, and the GIL changes hands.
+        with self._boxes_lock:
+            boxes = list(self._mailboxes.values())
+        for box in boxes:
+            box.settle(SETTLE_TIMEOUT_S)
 
     def submit(self, makers: list) -> RequestGroup:
         """makers: callables sink -> Request. Raises QueueFull / Draining / ValueError before any output; then
         the requests already submitted are aborted, so a body's choices are taken all or none."""
         loop = asyncio.get_running_loop()
-        box = self._mailboxes.get(loop) or self._mailboxes.setdefault(loop, Mailbox(loop))
+        with self._boxes_lock:
+            box = self._mailboxes.get(loop) or self._mailboxes.setdefault(loop, Mailbox(loop, self.engine._thread))
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         group = RequestGroup(self.engine, queue)
         try:

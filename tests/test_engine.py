@@ -164,9 +164,10 @@ def test_refresh_and_pruned_steps_share_a_forward():
     assert phases[0] == ["pruned", "refresh"]
 
 
-def test_mailbox_delivers_a_batch_of_outputs_with_one_loop_wake_up():
-    """Outputs posted from the engine thread reach their queues in order, and a burst of them (one step's outputs
-    for many requests) costs the event loop one wake-up, not one each."""
+def test_mailbox_holds_a_steps_outputs_until_it_ends_then_waits_for_the_loop():
+    """Outputs posted on the engine thread reach their queues in order, held until the step ends (settle): the
+    loop wakes once per step for all of them, and settle returns once they are delivered. A post from any other
+    thread (a rejection at submit) is delivered without a step."""
     import asyncio
     import threading
 
@@ -175,26 +176,34 @@ def test_mailbox_delivers_a_batch_of_outputs_with_one_loop_wake_up():
 
     async def main():
         loop = asyncio.get_running_loop()
-        box, queues = Mailbox(loop), [asyncio.Queue() for _ in range(4)]
+        queues, seen = [asyncio.Queue() for _ in range(4)], []
         wakeups = []
         real = loop.call_soon_threadsafe
         loop.call_soon_threadsafe = lambda fn, *a: (wakeups.append(fn), real(fn, *a))[1]
 
-        def engine_step(step):  # what one engine step's emits do, on another thread
-            for i, q in enumerate(queues):
-                box.post(q, RequestOutput(f"r{i}", f"{step}", [step], []))
+        def engine():  # what three engine steps' emits do
+            for step in range(3):
+                for i, q in enumerate(queues):
+                    box.post(q, RequestOutput(f"r{i}", f"{step}", [step], []))
+                held = [q.qsize() for q in queues]
+                box.settle(5.0)
+                seen.append((held, [q.qsize() for q in queues]))
 
-        for step in range(3):
-            t = threading.Thread(target=engine_step, args=(step,))
-            t.start()
-            t.join()
-            await asyncio.sleep(0)  # the loop delivers
+        thread = threading.Thread(target=engine)
+        box = Mailbox(loop, thread)
+        thread.start()
+        await asyncio.to_thread(thread.join)
         got = [[(await q.get()).text for _ in range(3)] for q in queues]
-        return got, len(wakeups)
+        steps_wakeups = sum(getattr(fn, "__func__", None) is Mailbox._deliver for fn in wakeups)
+        box.post(queues[0], RequestOutput("x", "rejected", [], []))  # from the loop's own thread
+        late = await asyncio.wait_for(queues[0].get(), 5.0)
+        return got, seen, steps_wakeups, late.text
 
-    got, wakeups = asyncio.run(main())
+    got, seen, wakeups, late = asyncio.run(main())
     assert got == [["0", "1", "2"]] * 4
+    assert seen == [([s] * 4, [s + 1] * 4) for s in range(3)]  # held during the step, delivered when settle returns
     assert wakeups == 3  # one per step, for 4 requests' outputs each
+    assert late == "rejected"
 
 
 # -- the real model -----------------------------------------------------------------------------------------------
