@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .decoding.sampling import argmax
 from .model import DiffusionLM, ForwardBatch
 from .model.kv_pool import KVHandle, KVPool, PoolView
 
@@ -35,7 +36,7 @@ class Rows:
     @classmethod
     def of(cls, logits: torch.Tensor) -> Rows:
         """One request's logits [R, V] alone."""
-        greedy = logits.argmax(-1)
+        greedy = argmax(logits)
         return cls(logits, greedy, torch.gather(F.softmax(logits, dim=-1), -1, greedy[:, None])[:, 0])
 
 
@@ -59,7 +60,7 @@ class ModelRunner:
         fb, counts = self._pack(work)
         logits = self.model.forward(fb)  # [B, Rmax, V]
         # A row's softmax does not depend on the other rows: the batched result equals each request's own.
-        greedy = logits.argmax(-1)  # [B, Rmax]
+        greedy = argmax(logits)  # [B, Rmax]
         prob = torch.gather(F.softmax(logits, dim=-1), -1, greedy[..., None])[..., 0]  # [B, Rmax]
         out = [Rows(logits[b, :r], greedy[b, :r], prob[b, :r]) for b, r in enumerate(counts)]
         stats = StepStats(requests=len(work))

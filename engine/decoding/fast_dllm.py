@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from ..model import LLADA, DiffusionLM, span_forward
 from .llada import block_plan, new_canvas
 from .registry import DecodeOptions, DecodeResult, check, register
-from .sampling import (factor_select, gumbel_perturb, llada_schedule, random_confidence, threshold_select,
+from .sampling import (argmax, factor_select, gumbel_perturb, llada_schedule, random_confidence, threshold_select,
                        top_k_select)
 
 
 def transfer(logits, opts: DecodeOptions, mask_index, x, count, gen):
     """Fast-dLLM's get_transfer_index over one slice: (candidate tokens, bool commit mask), both like `x`."""
-    x0 = torch.argmax(gumbel_perturb(logits, opts.temperature, gen), dim=-1)
+    x0 = argmax(gumbel_perturb(logits, opts.temperature, gen))
     if opts.remasking == "low_confidence":
         p = F.softmax(logits.to(torch.float64), dim=-1)
         conf = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)

@@ -27,7 +27,7 @@ import torch
 from ..model import LLADA, DiffusionLM, span_forward
 from .llada import new_canvas
 from .registry import DecodeOptions, DecodeResult, check, register
-from .sampling import gumbel_perturb
+from .sampling import argmax, gumbel_perturb
 
 DEFAULT_WINDOW = 128  # drafted positions after the first mask (the authors' sliding_window_size)
 VERIFY_CHUNK = 32  # drafts one verifier forward checks (the authors' verify_batch_size)
@@ -65,7 +65,7 @@ class Verifier:
         """Feed tokens after the cached ones -> the greedy next token after each fed token [len(feed)]."""
         self.calls += 1
         out = self.lm(torch.tensor([feed]), use_cache=True, **{self.kwarg: self.cache})
-        return out.logits[0].argmax(-1)
+        return argmax(out.logits[0])
 
     def keep(self, n: int) -> None:
         if self.cached > n:
@@ -114,7 +114,7 @@ def _one(model: DiffusionLM, lm, prompt: torch.Tensor, opts: DecodeOptions, wind
             # Rows: the tokens accepted since the last round (their K/V become clean) and the drafted window.
             logits = span_forward(model, x[:, clean_to:q_to], clean_to, cache, q_to)  # [1, q_to - clean_to, V]
             calls += 1
-            drafts = gumbel_perturb(logits[0, f - clean_to:], opts.temperature, gen).argmax(-1)  # [q_to - f]
+            drafts = argmax(gumbel_perturb(logits[0, f - clean_to:], opts.temperature, gen))  # [q_to - f]
             taken = _verify(ver, seq, f, drafts.tolist())[:total - f]
             x[0, f:f + len(taken)] = torch.tensor(taken)
             seq[f:f + len(taken)] = taken

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..model import LLADA, DiffusionLM
 from .registry import DecodeOptions, DecodeResult, check, register
-from .sampling import gumbel_perturb, llada_schedule, random_confidence, top_k_select
+from .sampling import argmax, gumbel_perturb, llada_schedule, random_confidence, top_k_select
 
 
 def new_canvas(prompt: torch.Tensor, gen_length: int, mask_id: int) -> torch.Tensor:
@@ -77,7 +77,7 @@ def _propose(logits: torch.Tensor, opts: DecodeOptions, spec, gen) -> tuple[torc
     if opts.logits_eos_inf:
         logits[:, :, spec.eos_id] = -torch.inf
     noisy = gumbel_perturb(logits, opts.temperature, gen)
-    x0 = torch.argmax(noisy, dim=-1)
+    x0 = argmax(noisy)
     if opts.confidence_eos_eot_inf:
         # The reference's chained assignment: EOS leaves the *noisy* logits, EoT the plain ones. At T = 0 they are
         # the same tensor, so both vanish before the softmax; at T > 0 only EoT does.

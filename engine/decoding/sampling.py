@@ -11,6 +11,12 @@ import torch
 import torch.nn.functional as F
 
 
+def argmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """torch.argmax over a vocabulary, through max(): the same index (the first maximum; NaN wins), but CPU argmax
+    is a scalar loop for bf16 rows: 838 us for 16 x 8 rows of 4096 logits, max 185 us (2 cores, AVX-512)."""
+    return x.max(dim).indices
+
+
 def gumbel_perturb(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> torch.Tensor:
     """LLaDA's Gumbel-max in float64: exp(l) / (-log u)^T. T = 0 returns `logits` itself (no draw, same object)."""
     if temperature == 0:

@@ -21,7 +21,7 @@ from .fast_dllm import transfer as fast_dllm_transfer
 from .fast_dllm_dream import schedule_step
 from .llada import block_plan, new_canvas
 from .registry import DecodeOptions, DecodeResult, check, register
-from .sampling import gumbel_perturb, llada_schedule, sample_tokens, shift_logits
+from .sampling import argmax, gumbel_perturb, llada_schedule, sample_tokens, shift_logits
 
 DEFAULT_WINDOW = 32  # both references' window_size default (used when opts.window_size is None)
 DEFAULT_DREAM_BLOCK = 32  # Dream's block_length default
@@ -71,7 +71,7 @@ def llada_transfer(logits, opts: DecodeOptions, mask_index, x, quota, threshold:
     Differs from Fast-dLLM's rule in RNG (float64 random scores) and tie handling (finfo.min, descending sort)."""
     if opts.factor is not None:  # the factor rule is Fast-dLLM's own, threshold ignored
         return fast_dllm_transfer(logits, opts.with_(threshold=None), mask_index, x, None, gen)
-    x0 = torch.argmax(gumbel_perturb(logits, opts.temperature, gen), dim=-1)
+    x0 = argmax(gumbel_perturb(logits, opts.temperature, gen))
     if opts.remasking == "low_confidence":
         p = F.softmax(logits.to(torch.float64), dim=-1)
         conf = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)

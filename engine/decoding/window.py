@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..model import LLADA, DiffusionLM, ForwardBatch
 from .llada import new_canvas
 from .registry import DecodeOptions, DecodeResult, check, register
-from .sampling import gumbel_perturb, llada_schedule, threshold_select, top_k_select
+from .sampling import argmax, gumbel_perturb, llada_schedule, threshold_select, top_k_select
 
 
 FRONTIER = 4  # with a threshold, after STALL_STEPS steps that commit none of the first FRONTIER masks, the best of
@@ -126,7 +126,7 @@ class WindowDecoder:
             if greedy is not None and self.opts.temperature == 0:
                 x0, conf = greedy
             else:
-                x0 = torch.argmax(gumbel_perturb(logits, self.opts.temperature, self.gen), dim=-1)
+                x0 = argmax(gumbel_perturb(logits, self.opts.temperature, self.gen))
                 conf = torch.gather(F.softmax(logits, dim=-1), -1, x0[:, None])[:, 0]
             chosen = self._select(conf)
             if self.opts.threshold is not None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..model import LLADA, DiffusionLM, ForwardBatch, KVCache, span_forward
 from .llada import guided_logits, new_canvas
 from .registry import DecodeOptions, DecodeResult, check, register
-from .sampling import gumbel_perturb, llada_schedule, random_confidence, top_k_select
+from .sampling import argmax, gumbel_perturb, llada_schedule, random_confidence, top_k_select
 
 DEFAULT_PERIOD = 5  # the reference's window_size default: the refresh period when refresh_cycle is not given
 
@@ -91,7 +91,7 @@ class LladaWindow:
 def _propose(logits: torch.Tensor, opts: DecodeOptions, gen) -> tuple[torch.Tensor, torch.Tensor]:
     """[1, L, V] logits -> candidate tokens and their confidence, both [1, L], with the reference's draws:
     Gumbel noise over all L rows first, then (random remasking) one uniform per row."""
-    x0 = torch.argmax(gumbel_perturb(logits, opts.temperature, gen), dim=-1)
+    x0 = argmax(gumbel_perturb(logits, opts.temperature, gen))
     if opts.remasking == "low_confidence":
         p = F.softmax(logits, dim=-1)  # in the logits' dtype, unlike Fast-dLLM's float64
         return x0, torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
