@@ -1,4 +1,4 @@
-"""Padded vs packed batch layout of the engine's batched forward, measured side by side.
+"""Padded vs packed batch layouts of the engine's batched forward, measured side by side.
 
     python -m bench.layout [--requests 16] [--gen 64] [--rounds 5]
 
@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 
+from engine.config import build_config
 from engine.decoding import DecodeOptions, get_method
 from engine.engine import Engine
 from engine.llm import LLM
@@ -26,9 +27,14 @@ from engine.scheduler import Limits, Scheduler
 PROMPTS = ["ROMEO.\n", "JULIET.\nO Romeo, Romeo,", "KING LEAR.\n", "HAMLET.\nTo be, or not to be"]
 
 
-def one_round(llm: LLM, pack: bool, n: int, opts: DecodeOptions, stagger: int) -> tuple[float, float]:
+LAYOUTS = {"padded": dict(pack=False),  # every request padded to the longest plan
+           "packed-1": dict(pack=True, group_cost=10**9),  # real rows back to back, one attention call for all
+           "packed": dict(pack=True)}  # the engine's: attention in groups of similar row counts
+
+
+def one_round(llm: LLM, layout: str, n: int, opts: DecodeOptions, stagger: int) -> tuple[float, float]:
     pool = KVPool.for_model(llm.model, 256 << 20)
-    engine = Engine(llm.model, Scheduler(Limits(), pool), ModelRunner(llm.model, pool, pack=pack))
+    engine = Engine(llm.model, Scheduler(Limits(), pool), ModelRunner(llm.model, pool, **LAYOUTS[layout]))
     rows = []
     step = engine.runner.step
 
@@ -59,20 +65,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stagger", type=int, default=3, help="engine steps between admissions")
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
-    llm = LLM(args.model)
-    opts = DecodeOptions(gen_length=args.gen)
-    one_round(llm, True, 2, opts, 0)  # warm-up
-    times: dict[str, list[float]] = {"padded": [], "packed": []}
+    cfg = build_config(model__path=args.model)  # what `diffuserve serve MODEL` runs: its options and dtype
+    llm = LLM(args.model, cfg.model.dtype)
+    opts = cfg.decoding.options.with_(gen_length=args.gen, steps=args.gen)
+    print(f"{args.model} {llm.model.dtype}, {opts}", file=sys.stderr)
+    one_round(llm, "packed", 2, opts, 0)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
     rows = 0.0
     for r in range(args.rounds):
-        for name in ("padded", "packed") if r % 2 == 0 else ("packed", "padded"):
-            ms, rows = one_round(llm, name == "packed", args.requests, opts, args.stagger)
+        for name in list(LAYOUTS)[:: 1 if r % 2 == 0 else -1]:
+            ms, rows = one_round(llm, name, args.requests, opts, args.stagger)
             times[name].append(ms)
             print(f"round {r + 1} {name}: {ms:.1f} ms/step", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.requests} requests, gen {args.gen}, stagger {args.stagger}, real rows/step {rows:.0f}: "
-          f"padded {med['padded']:.1f} ms/step, packed {med['packed']:.1f} ms/step (medians of {args.rounds}); "
-          f"packed is {med['padded'] / med['packed']:.2f}x faster")
+          + ", ".join(f"{k} {v:.1f} ms/step" for k, v in med.items()) + f" (medians of {args.rounds}); "
+          f"packed is {med['padded'] / med['packed']:.2f}x faster than padded, "
+          f"{med['packed-1'] / med['packed']:.2f}x than packed-1")
     return 0
 
 

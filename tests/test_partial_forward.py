@@ -101,3 +101,39 @@ def test_parity_checkpoint_partial_forward_float64():
     rows = torch.tensor([[8, 9, 10, 24]])
     part = model.forward(ForwardBatch(ids=ids[:, rows[0]], positions=rows, cache=cache, key_len=25))
     torch.testing.assert_close(part, full[:, rows[0]], **TOL)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("group_cost", [0, 4, 10**6])  # a group per row count, {2, 3} + {20}, one for all
+def test_runner_ragged_batch_equals_each_request_alone(family, group_cost):
+    """The engine's packed layout (rows back to back, K/V written straight to the pool, attention in groups of
+    similar row counts) gives every request the logits of its own partial forward."""
+    import engine.runner as runner_mod
+    from engine.decoding.window import StepPlan
+    from engine.model.kv_pool import KVPool
+
+    model = random_model(small_spec(family), seed=6, dtype=torch.float64)
+    pool = KVPool.for_requests(model, [30, 30, 30], page_size=8)
+    runner = runner_mod.ModelRunner(model, pool, group_cost=group_cost)
+
+    class Canvas:  # what the runner reads of a decoder
+        def __init__(self, seed):
+            self.x = _ids(30, seed=seed)[0]
+
+    reqs = [(Canvas(s), pool.allocate(30)) for s in (7, 8, 9)]
+    everything = StepPlan(positions=torch.arange(30), keys=None, candidates=torch.arange(0))
+    runner.step([(dec, kv, everything) for dec, kv in reqs])  # every slot written: one padded forward, T = 30
+    plans = [StepPlan(torch.tensor([4, 9]), torch.arange(20), torch.tensor([1])),
+             StepPlan(torch.tensor([1, 2, 25]), torch.tensor(list(range(10)) + [25, 29]), torch.tensor([0, 2])),
+             StepPlan(torch.arange(5, 25), torch.arange(30), torch.tensor([0, 7, 19]))]
+    fb, _ = runner._pack([(dec, kv, plan) for (dec, kv), plan in zip(reqs, plans)])
+    assert len(fb.ragged.groups) == {0: 3, 4: 2, 10**6: 1}[group_cost]
+    out, stats = runner.step([(dec, kv, plan) for (dec, kv), plan in zip(reqs, plans)])
+    assert stats.rows == 2 + 3 + 20
+    for (dec, _), plan, got in zip(reqs, plans, out):
+        cache = model.new_cache(1, 30)
+        model.forward(ForwardBatch(ids=dec.x[None], positions=torch.arange(30)[None], cache=cache, key_len=30))
+        want = model.forward(ForwardBatch(ids=dec.x[plan.positions][None], positions=plan.positions[None],
+                                          cache=cache, keys=plan.keys[None]))[0, plan.candidates]
+        torch.testing.assert_close(got.logits, want, **TOL)
+        assert torch.equal(got.greedy, want.argmax(-1))

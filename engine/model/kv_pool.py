@@ -101,6 +101,11 @@ class PoolView:
         self.pool.k[layer].index_copy_(0, flat, k.transpose(1, 2).reshape(flat.shape[0], -1))
         self.pool.v[layer].index_copy_(0, flat, v.transpose(1, 2).reshape(flat.shape[0], -1))
 
+    def write_rows(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """slots [N]; k, v [N, kv_heads * hd]: packed rows, one pool row each (no padding rows to skip)."""
+        self.pool.k[layer].index_copy_(0, slots, k)
+        self.pool.v[layer].index_copy_(0, slots, v)
+
     def read(self, layer: int, keys: torch.Tensor, key_len: int | None = None):
         """keys [B, K] pool slots -> k, v [B, kv_heads, K, hd] (a strided view: SDPA reads it as it is)."""
         B, K = keys.shape

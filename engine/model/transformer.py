@@ -77,6 +77,29 @@ class Layer(nn.Module):
 
 
 @dataclass
+class AttnGroup:
+    """Requests whose rows share one padded attention call: n real rows, at packed rows [n0, n1), laid out as
+    [b, T] (requests of similar row counts are grouped, so one request's whole-window refresh does not pad every
+    other request's few active rows up to its size: attention costs b x T x K per call)."""
+
+    n0: int
+    n1: int
+    T: int
+    keys: torch.Tensor  # [b, K] pool slots each request's rows attend to (padding: the scratch slot)
+    mask: torch.Tensor | None  # [b, 1, T, K] True = visible; None: every key visible
+    rows: torch.Tensor | None  # [n] each real row's index in the flattened [b, T] grid; None: no padding rows
+
+
+@dataclass
+class Ragged:
+    """A packed batch over a KVPool: N real rows of B requests back to back (no padding rows)."""
+
+    slots: torch.Tensor  # [N] pool rows their K/V are written to
+    groups: list[AttnGroup]  # covering [0, N) in order
+    logits_rows: torch.Tensor  # [B, R] packed row of each request's candidate rows (padding: any row)
+
+
+@dataclass
 class ForwardBatch:
     """What one model call computes.
 
@@ -90,8 +113,8 @@ class ForwardBatch:
         slot instead of overwriting a real position (their outputs are garbage and must be ignored).
     slots: where rows write K/V when the cache is a shared pool (engine.model.kv_pool): the runner has translated
         positions (and keys) into pool slots; positions still drive RoPE.
-    packed: the projections and MLP run on the valid rows alone, packed into [N, H]; only attention sees the
-        padded [B, T] layout. A ragged batch then costs what its real rows cost, not B x the longest.
+    ragged: the serving engine's packed layout (see `Ragged`): ids and positions are [1, N], the real rows of
+        all requests back to back; everything but attention runs on them as they are.
     """
 
     ids: torch.Tensor
@@ -104,7 +127,7 @@ class ForwardBatch:
     valid: torch.Tensor | None = None
     rope_full_precision: bool | None = None  # None: the family's rule; False: rotate in the working dtype
     slots: torch.Tensor | None = None  # [B, T] cache slots to write (a shared pool's); None: the positions
-    packed: bool = False  # with `valid`: compute the dense layers on the valid rows only (see hidden_states)
+    ragged: Ragged | None = None
 
     def write_slots(self) -> torch.Tensor:
         if self.slots is not None:
@@ -143,6 +166,9 @@ class DiffusionLM(nn.Module):
         return self.forward(ForwardBatch(ids=ids, positions=pos))
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        if fb.ragged is not None:
+            # [N, H] -> [B, R, H]: each request's candidate rows
+            return self.lm_head(self._ragged_hidden_states(fb)[fb.ragged.logits_rows])
         x = self.hidden_states(fb)
         if fb.logits_rows is not None:
             # [B, T, H] -> [B, R, H]: only the rows whose predictions the caller will read.
@@ -151,49 +177,69 @@ class DiffusionLM(nn.Module):
 
     def hidden_states(self, fb: ForwardBatch) -> torch.Tensor:
         """The final normed hidden states [B, T, H]; lm_head of a row gives its logits."""
-        B, T = fb.ids.shape
-        rows = fb.valid.reshape(-1).nonzero()[:, 0] if fb.packed else None  # [N] real rows of the flat [B*T]
-        # [B, T, H], or packed [N, H]: the dense layers are row-wise, so they never need the padding
-        x = self.embed(fb.ids if rows is None else fb.ids.reshape(-1)[rows])
-        if rows is None:
-            cos, sin = self.rope.tables(fb.positions, x.dtype, fb.rope_full_precision)  # [B, 1, T, hd]
-        else:  # RoPE is per row too: rotate the packed rows, [1, 1, N, hd] -> [N, 1, hd]
-            cos, sin = self.rope.tables(fb.positions.reshape(-1)[rows][None], x.dtype, fb.rope_full_precision)
-            cos, sin = cos[0, 0, :, None], sin[0, 0, :, None]
+        x = self.embed(fb.ids)  # [B, T, H]
+        cos, sin = self.rope.tables(fb.positions, x.dtype, fb.rope_full_precision)  # [B, 1, T, hd]
         slots = fb.write_slots()
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer, layer.attn_norm(x), cos, sin, slots, fb, rows)
-            h = layer.ffn_norm(x)
-            x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
-        x = self.norm(x)
-        return x if rows is None else _unpack(x, rows, B, T)
+            x = x + self._attention(i, layer, layer.attn_norm(x), cos, sin, slots, fb)
+            x = x + self._mlp(layer, x)
+        return self.norm(x)
 
-    def _attention(self, i: int, layer: Layer, h, cos, sin, slots, fb: ForwardBatch, rows=None) -> torch.Tensor:
+    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        h = layer.ffn_norm(x)
+        return layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
+
+    def _attention(self, i: int, layer: Layer, h, cos, sin, slots, fb: ForwardBatch) -> torch.Tensor:
         s = self.spec
         B, T = fb.ids.shape
 
         def proj(lin, heads, rotate: bool):  # -> [B, heads, T, hd]
-            if rows is None:
-                y = lin(h).view(B, T, heads, s.head_dim).transpose(1, 2)
-                return self.rope.apply(y, cos, sin) if rotate else y
-            y = lin(h).view(-1, heads, s.head_dim)  # packed [N, heads, hd]
-            y = self.rope.apply(y, cos, sin) if rotate else y
-            return _unpack(y.reshape(y.shape[0], -1), rows, B, T).view(B, T, heads, s.head_dim).transpose(1, 2)
+            y = lin(h).view(B, T, heads, s.head_dim).transpose(1, 2)
+            return self.rope.apply(y, cos, sin) if rotate else y
 
         q, k = proj(layer.q_proj, s.num_heads, True), proj(layer.k_proj, s.num_kv_heads, True)
         v = proj(layer.v_proj, s.num_kv_heads, False)
         if fb.cache is not None:
             fb.cache.write(i, slots, k, v)
             k, v = fb.cache.read(i, fb.keys, fb.key_len)
-        if s.num_kv_heads != s.num_heads:
-            # GQA: [B, kv_heads, K, hd] -> [B, heads, K, hd], each kv head serving a contiguous group of q heads.
-            rep = s.num_heads // s.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=fb.attn_mask, is_causal=False)
-        # [B, heads, T, hd] -> [B, T, H] (or the packed [N, H] rows)
-        att = att.transpose(1, 2).contiguous().view(B, T, s.hidden_size)
-        return layer.o_proj(att if rows is None else att.view(B * T, -1)[rows])
+        att = F.scaled_dot_product_attention(q, *self._gqa(k, v), attn_mask=fb.attn_mask, is_causal=False)
+        # [B, heads, T, hd] -> [B, T, H]
+        return layer.o_proj(att.transpose(1, 2).contiguous().view(B, T, s.hidden_size))
+
+    def _gqa(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, kv_heads, K, hd] -> [B, heads, K, hd], each kv head serving a contiguous group of q heads."""
+        rep = self.spec.num_heads // self.spec.num_kv_heads
+        return (k, v) if rep == 1 else (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1))
+
+    # -- the serving engine's packed layout --------------------------------------------------------------------
+    def _ragged_hidden_states(self, fb: ForwardBatch) -> torch.Tensor:
+        """ids, positions [1, N] (fb.ragged says whose rows they are) -> final normed hidden states [N, H]. Every
+        layer but attention is row-wise, so it runs on the N real rows; K/V go straight to their pool rows."""
+        s, rg = self.spec, fb.ragged
+        x = self.embed(fb.ids[0])  # [N, H]
+        cos, sin = self.rope.tables(fb.positions, x.dtype, fb.rope_full_precision)  # [1, 1, N, hd]
+        cos, sin = cos[0, 0, :, None], sin[0, 0, :, None]  # [N, 1, hd]: broadcast over the heads of each row
+        for i, layer in enumerate(self.layers):
+            h = layer.attn_norm(x)
+            q = self.rope.apply(layer.q_proj(h).view(-1, s.num_heads, s.head_dim), cos, sin)  # [N, heads, hd]
+            k = self.rope.apply(layer.k_proj(h).view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+            fb.cache.write_rows(i, rg.slots, k.view(k.shape[0], -1), layer.v_proj(h))
+            parts = [self._group_attention(i, q[g.n0:g.n1], g, fb.cache) for g in rg.groups]
+            x = x + layer.o_proj(parts[0] if len(parts) == 1 else torch.cat(parts))
+            x = x + self._mlp(layer, x)
+        return self.norm(x)
+
+    def _group_attention(self, i: int, q: torch.Tensor, g: AttnGroup, cache) -> torch.Tensor:
+        """q [n, heads, hd], one group's packed rows -> their attention output [n, H]."""
+        s = self.spec
+        b = g.keys.shape[0]
+        q = q.reshape(q.shape[0], -1)  # [n, H]
+        if g.rows is not None:
+            q = _unpack(q, g.rows, b, g.T)  # [b, T, H], zeros on the padding rows
+        q = q.view(b, g.T, s.num_heads, s.head_dim).transpose(1, 2)  # [b, heads, T, hd]
+        att = F.scaled_dot_product_attention(q, *self._gqa(*cache.read(i, g.keys)), attn_mask=g.mask)
+        att = att.transpose(1, 2).reshape(b * g.T, s.hidden_size)  # [b, heads, T, hd] -> [b*T, H]
+        return att if g.rows is None else att[g.rows]
 
 
 def _unpack(x: torch.Tensor, rows: torch.Tensor, B: int, T: int) -> torch.Tensor:
