@@ -212,7 +212,7 @@ class Engine:
     def _commit(self, req: Request, plan, logits, tally: list[int]) -> None:
         dec = req.decoder
         masks, refreshes = len(dec.masks()), dec.refresh_calls
-        dec.commit(plan, logits.logits, (logits.greedy, logits.prob))
+        dec.commit(plan, logits.logits, logits.choice)
         req.forward_calls += 1
         tally[0] += masks - len(dec.masks())
         tally[1] += dec.refresh_calls - refreshes

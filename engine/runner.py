@@ -34,12 +34,22 @@ class Rows:
     logits: torch.Tensor  # [R, V]
     greedy: torch.Tensor  # [R] argmax token
     prob: torch.Tensor  # [R] its softmax probability, in the logits' dtype
+    logprob: torch.Tensor  # [R] float32 log of prob (floored at 1e-30), what the response's logprobs report
 
     @classmethod
     def of(cls, logits: torch.Tensor) -> Rows:
         """One request's logits [R, V] alone."""
         greedy = argmax(logits)
-        return cls(logits, greedy, torch.gather(F.softmax(logits, dim=-1), -1, greedy[:, None])[:, 0])
+        prob = torch.gather(F.softmax(logits, dim=-1), -1, greedy[:, None])[:, 0]
+        return cls(logits, greedy, prob, log_prob(prob))
+
+    @property
+    def choice(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.greedy, self.prob, self.logprob
+
+
+def log_prob(prob: torch.Tensor) -> torch.Tensor:
+    return prob.float().clamp_min(1e-30).log()
 
 
 @dataclass
@@ -66,7 +76,8 @@ class ModelRunner:
         # A row's softmax does not depend on the other rows: the batched result equals each request's own.
         greedy = argmax(logits)  # [B, Rmax]
         prob = torch.gather(F.softmax(logits, dim=-1), -1, greedy[..., None])[..., 0]  # [B, Rmax]
-        out = [Rows(logits[b, :r], greedy[b, :r], prob[b, :r]) for b, r in enumerate(counts)]
+        logprob = log_prob(prob)
+        out = [Rows(logits[b, :r], greedy[b, :r], prob[b, :r], logprob[b, :r]) for b, r in enumerate(counts)]
         stats = StepStats(requests=len(work))
         for dec, _, plan in work:
             n = dec.x.shape[0]

@@ -20,13 +20,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..model import LLADA, DiffusionLM, ForwardBatch
 from .llada import new_canvas
 from .registry import DecodeOptions, DecodeResult, check, register
-from .sampling import argmax, gumbel_perturb, llada_schedule, threshold_select, top_k_select
+from .sampling import argmax, gumbel_perturb, llada_schedule, threshold_select
 
 
 FRONTIER = 4  # with a threshold, after STALL_STEPS steps that commit none of the first FRONTIER masks, the best of
@@ -56,6 +57,9 @@ class WindowDecoder:
         self.model, self.opts, self.gen = model, opts, gen
         self.mask_id, self.eos_id = spec.mask_id, spec.eos_id
         self.x = new_canvas(prompt[None], opts.gen_length, spec.mask_id)[0]  # [N]
+        # The per-step bookkeeping (partitions, candidates, the phase) runs on numpy views of the same memory: on
+        # vectors this short a torch op costs several times a numpy one, and a step does dozens per request.
+        self.xn = self.x.numpy()
         self.prompt_len = prompt.shape[0]
         self.cache = model.new_cache(1, self.x.shape[0]) if own_cache else None
         self.logprobs = torch.zeros(self.x.shape[0])  # [N] log-probability of each committed token
@@ -66,32 +70,34 @@ class WindowDecoder:
         self.period = opts.refresh_cycle or 32  # the reference scripts' R
         self.W, self.A = opts.window_tokens, opts.active_tokens
         self.phase = Phase.REFRESH
-        self.window = torch.empty(0, dtype=torch.long)  # fixed for a phase: keys of the pruned steps
+        self.window = np.empty(0, dtype=np.int64)  # fixed for a phase: keys of the pruned steps
         self.next_window = self.window  # the window a refresh step computes (before its own commits)
-        self.fresh = torch.empty(0, dtype=torch.long)  # committed this phase: stay active until the next refresh
+        self.fresh = np.empty(0, dtype=np.int64)  # committed this phase: stay active until the next refresh
         self.forward_calls = self.refresh_calls = 0
-        self._masks: torch.Tensor | None = None  # masked positions, cached until the canvas changes
+        self._masks: np.ndarray | None = None  # masked positions, cached until the canvas changes
 
     # -- partitions --------------------------------------------------------------------------------------------
-    def masks(self) -> torch.Tensor:
+    def masks(self) -> np.ndarray:
+        """Masked positions, ascending."""
         if self._masks is None:
-            self._masks = (self.x == self.mask_id).nonzero()[:, 0]
+            self._masks = np.flatnonzero(self.xn == self.mask_id)
         return self._masks
 
-    def _window_now(self) -> torch.Tensor:
+    def _window_now(self) -> np.ndarray:
         """Prompt + decoded + the first W masks: what a window refresh computes and pruned steps attend to."""
-        masks = self.masks()
-        keep = torch.ones_like(self.x, dtype=torch.bool)
-        keep[masks[self.W:]] = False  # far field
-        return keep.nonzero()[:, 0]
+        keep = np.ones(len(self.xn), dtype=bool)
+        keep[self.masks()[self.W:]] = False  # far field
+        return np.flatnonzero(keep)
 
-    def active(self) -> torch.Tensor:
+    def active(self) -> np.ndarray:
         """First A masks inside the window, plus every position committed this phase (post-decode transient)."""
-        in_window = torch.zeros_like(self.x, dtype=torch.bool)
+        in_window = np.zeros(len(self.xn), dtype=bool)
         in_window[self.window] = True
         masks = self.masks()
-        first = masks[in_window[masks]][: self.A]
-        return torch.unique(torch.cat([first, self.fresh]))
+        active = np.zeros(len(self.xn), dtype=bool)  # (a flag per position beats sorting a union, as for isin)
+        active[masks[in_window[masks]][: self.A]] = True
+        active[self.fresh] = True
+        return np.flatnonzero(active)
 
     # -- one step ----------------------------------------------------------------------------------------------
     def plan(self) -> StepPlan:
@@ -99,14 +105,17 @@ class WindowDecoder:
             # The window is fixed here, before this step's commits: every slot in it gets fresh K/V now.
             self.next_window = self._window_now()
             if self.opts.refresh == "full":
-                pos, keys = torch.arange(self.x.shape[0]), None
+                pos, keys = np.arange(len(self.xn)), None
             else:
                 pos = keys = self.next_window
         else:
             pos, keys = self.active(), self.window
         # Candidates: rows still masked and among the first A masks (never the far field, never the buffer).
-        candidates = (self.x[pos] == self.mask_id) & torch.isin(pos, self.masks()[: self.A])
-        return StepPlan(positions=pos, keys=keys, candidates=candidates.nonzero()[:, 0])
+        first = np.zeros(len(self.xn), dtype=bool)
+        first[self.masks()[: self.A]] = True
+        candidates = np.flatnonzero(first[pos])
+        return StepPlan(positions=torch.from_numpy(pos), keys=None if keys is None else torch.from_numpy(keys),
+                        candidates=torch.from_numpy(candidates))
 
     def forward_batch(self, plan: StepPlan) -> ForwardBatch:
         rows = plan.positions[None]
@@ -117,25 +126,24 @@ class WindowDecoder:
 
     def commit(self, plan: StepPlan, logits: torch.Tensor, greedy: tuple | None = None) -> None:
         """logits [R, V] for plan.candidates: choose, commit, advance the phase. greedy: (tokens [R], their
-        probabilities [R]) already computed from these logits (a batch computes them at once); used at
-        temperature 0, where they are exactly what this would compute."""
+        probabilities [R], float32 log-probabilities [R]) already computed from these logits (a batch computes them
+        at once); used at temperature 0, where they are exactly what this would compute."""
         was_refresh = self.phase is Phase.REFRESH
         self.forward_calls += 1
         self.refresh_calls += int(was_refresh)
         if len(plan.candidates):
             if greedy is not None and self.opts.temperature == 0:
-                x0, conf = greedy
+                x0, conf, logprob = greedy
             else:
                 x0 = argmax(gumbel_perturb(logits, self.opts.temperature, self.gen))
                 conf = torch.gather(F.softmax(logits, dim=-1), -1, x0[:, None])[:, 0]
-            chosen = self._select(conf)
-            if self.opts.threshold is not None:
-                chosen = self._keep_frontier_moving(plan, conf, chosen)
-            pos = plan.positions[plan.candidates[chosen]]
-            self.x[pos] = x0[chosen]
+                logprob = conf.float().clamp_min(1e-30).log()
+            pick = self._pick(plan, conf)  # indices into the candidates
+            pos = plan.positions[plan.candidates[pick]]
+            self.x[pos] = x0[pick]
             self._masks = None
-            self.logprobs[pos] = conf[chosen].float().clamp_min(1e-30).log()
-            self.fresh = pos if was_refresh else torch.cat([self.fresh, pos])
+            self.logprobs[pos] = logprob[pick]
+            self.fresh = pos.numpy() if was_refresh else np.concatenate([self.fresh, pos.numpy()])
         if was_refresh:
             self.window = self.next_window
         self.step += 1
@@ -149,7 +157,7 @@ class WindowDecoder:
         token, and EOS early exit never fires (tiny-task's sentences: ~1014 steps on every 1024 canvas). So after
         STALL_STEPS steps in a row that commit none of the first FRONTIER masks, the most confident of them commits
         too. (Forcing one every step got unsure count digits wrong that a few more steps would have settled.)"""
-        front = torch.isin(plan.positions[plan.candidates], self.masks()[:FRONTIER])
+        front = torch.from_numpy(np.isin(plan.positions[plan.candidates].numpy(), self.masks()[:FRONTIER]))
         if not front.any() or (chosen & front).any():
             self.stalled = 0
         elif self.stalled + 1 < STALL_STEPS:  # an unsure token usually settles as its neighbours commit: wait
@@ -161,26 +169,38 @@ class WindowDecoder:
         return chosen
 
     def _select(self, conf: torch.Tensor) -> torch.Tensor:
+        """-> bool [R]: the candidates this step commits."""
+        chosen = torch.zeros_like(conf, dtype=torch.bool)
+        chosen[self._pick(None, conf)] = True
+        return chosen
+
+    def _pick(self, plan: StepPlan | None, conf: torch.Tensor) -> torch.Tensor:
+        """-> indices of the candidates this step commits (plan: for the threshold's frontier rule)."""
         if self.opts.threshold is not None:
-            return threshold_select(conf[None], self.opts.threshold)[0]
+            chosen = threshold_select(conf[None], self.opts.threshold)[0]
+            if plan is not None:
+                chosen = self._keep_frontier_moving(plan, conf, chosen)
+            return chosen.nonzero()[:, 0]
         # The global schedule; once it is spent (fewer candidates than it asked for earlier), one per step.
+        # (torch.topk as top_k_select calls it: the same ties, without the bool mask round trip.)
         k = self.counts[self.step] if self.step < len(self.counts) else 1
-        return top_k_select(conf[None], [min(k, conf.shape[0])])[0]
+        return torch.topk(conf, k=min(k, conf.shape[0])).indices
 
     def _advance(self) -> None:
-        gen_part = self.x[self.prompt_len:]
-        masks = gen_part == self.mask_id
-        if not masks.any():
+        masks = self.masks()
+        first = np.searchsorted(masks, self.prompt_len)  # the generated part's first mask (a prompt may hold one)
+        if first == len(masks):
             self.phase = Phase.DONE
             return
         if self.opts.eos_early_exit:
-            eos = (gen_part == self.eos_id).nonzero()
-            if len(eos) and not masks[: int(eos[0])].any():
-                gen_part[int(eos[0]):] = self.eos_id  # the model fills a canvas's tail with EOS; skip computing it
+            gen_part = self.xn[self.prompt_len:]
+            eos = np.flatnonzero(gen_part == self.eos_id)
+            if len(eos) and masks[first] > self.prompt_len + eos[0]:  # an EOS with nothing undecoded left of it
+                gen_part[eos[0]:] = self.eos_id  # the model fills a canvas's tail with EOS; skip computing it
                 self._masks = None
                 self.phase = Phase.DONE
                 return
-        window_masks = (self.x[self.window] == self.mask_id).any() if len(self.window) else False
+        window_masks = bool((self.xn[self.window] == self.mask_id).any()) if len(self.window) else False
         due = self.since_refresh + 1 >= self.period or not window_masks
         self.phase = Phase.REFRESH if due else Phase.PRUNED
 

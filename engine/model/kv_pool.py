@@ -20,10 +20,12 @@ class KVHandle:
 
     def __init__(self, pages: list[int], page_size: int, capacity: int):
         self.pages, self.page_size, self.capacity = pages, page_size, capacity
-        self.table = torch.tensor(pages, dtype=torch.long)
+        table = torch.tensor(pages, dtype=torch.long)
+        # [pages, page_size] -> [pages * page_size]: the slot of every position, one lookup per call
+        self.slot_of = (table[:, None] * page_size + torch.arange(page_size)).reshape(-1)
 
     def slots(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.table[positions // self.page_size] * self.page_size + positions % self.page_size
+        return self.slot_of[positions]
 
 
 class KVPool:
