@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -88,72 +89,84 @@ class ModelRunner:
         return out, stats
 
     def _pack(self, work) -> tuple[ForwardBatch, list[int]]:
-        keys = [torch.arange(dec.x.shape[0]) if plan.keys is None else plan.keys for dec, _, plan in work]
-        counts = [len(plan.candidates) for _, _, plan in work]
-        if not self.pack or len({len(plan.positions) for _, _, plan in work}) == 1:
-            return self._pack_padded(work, keys), counts
-        return self._pack_ragged(work, keys), counts
+        # The layout is assembled in numpy (views of the same memory) and handed to torch once: per request these
+        # are a few short gathers, which cost several times more as torch ops.
+        plans = [_Plan(dec, handle, plan) for dec, handle, plan in work]
+        counts = [len(p.candidates) for p in plans]
+        if not self.pack or len({len(p.positions) for p in plans}) == 1:
+            return self._pack_padded(plans), counts
+        return self._pack_ragged(plans), counts
 
-    def _pack_padded(self, work, keys) -> ForwardBatch:
+    def _pack_padded(self, plans: list[_Plan]) -> ForwardBatch:
         """[B, T] rows, padded to the longest plan (no padding at all when every plan has T rows)."""
-        dev = self.model.device
-        B = len(work)
-        T = max(len(plan.positions) for _, _, plan in work)
-        K = max(len(k) for k in keys)
-        R = max(1, max(len(plan.candidates) for _, _, plan in work))
+        B = len(plans)
+        T = max(len(p.positions) for p in plans)
+        K = max(len(p.keys) for p in plans)
+        R = max(1, max(len(p.candidates) for p in plans))
         scratch = self.pool.scratch
-        ids = torch.full((B, T), self.model.spec.mask_id, dtype=torch.long)
-        pos = torch.zeros((B, T), dtype=torch.long)
-        slots = torch.full((B, T), scratch, dtype=torch.long)
-        key_slots = torch.full((B, K), scratch, dtype=torch.long)
-        visible = torch.zeros((B, K), dtype=torch.bool)
-        rows = torch.zeros((B, R), dtype=torch.long)
-        for b, ((dec, handle, plan), kk) in enumerate(zip(work, keys)):
-            t, k, r = len(plan.positions), len(kk), len(plan.candidates)
-            ids[b, :t] = dec.x[plan.positions]
-            pos[b, :t] = plan.positions
-            slots[b, :t] = handle.slots(plan.positions)
-            key_slots[b, :k] = handle.slots(kk)
+        ids = np.full((B, T), self.model.spec.mask_id, dtype=np.int64)
+        pos = np.zeros((B, T), dtype=np.int64)
+        slots = np.full((B, T), scratch, dtype=np.int64)
+        key_slots = np.full((B, K), scratch, dtype=np.int64)
+        visible = np.zeros((B, K), dtype=bool)
+        rows = np.zeros((B, R), dtype=np.int64)
+        for b, p in enumerate(plans):
+            t, k, r = len(p.positions), len(p.keys), len(p.candidates)
+            ids[b, :t] = p.x[p.positions]
+            pos[b, :t] = p.positions
+            slots[b, :t] = p.slot_of[p.positions]
+            key_slots[b, :k] = p.slot_of[p.keys]
             visible[b, :k] = True
-            rows[b, :r] = plan.candidates
+            rows[b, :r] = p.candidates
         # Only a ragged key set needs a mask; without one SDPA takes the same path a lone request takes.
-        mask = None if bool(visible.all()) else visible[:, None, None, :].expand(B, 1, T, K).to(dev)
-        return ForwardBatch(ids=ids.to(dev), positions=pos.to(dev), cache=self.view, keys=key_slots.to(dev),
-                            attn_mask=mask, logits_rows=rows.to(dev), slots=slots.to(dev))
+        mask = None if visible.all() else self._t(visible)[:, None, None, :].expand(B, 1, T, K)
+        return ForwardBatch(ids=self._t(ids), positions=self._t(pos), cache=self.view, keys=self._t(key_slots),
+                            attn_mask=mask, logits_rows=self._t(rows), slots=self._t(slots))
 
-    def _pack_ragged(self, work, keys) -> ForwardBatch:
+    def _pack_ragged(self, plans: list[_Plan]) -> ForwardBatch:
         """The real rows back to back ([1, N]); requests sorted by row count and split into attention groups."""
-        dev = self.model.device
-        lens = [len(plan.positions) for _, _, plan in work]
-        order = sorted(range(len(work)), key=lens.__getitem__)
-        start, n = [0] * len(work), 0  # each request's first packed row
+        lens = [len(p.positions) for p in plans]
+        order = sorted(range(len(plans)), key=lens.__getitem__)
+        start, n = [0] * len(plans), 0  # each request's first packed row
         for b in order:
             start[b], n = n, n + lens[b]
-        ids = torch.cat([work[b][0].x[work[b][2].positions] for b in order])
-        pos = torch.cat([work[b][2].positions for b in order])
-        slots = torch.cat([work[b][1].slots(work[b][2].positions) for b in order])
+        ids = np.concatenate([plans[b].x[plans[b].positions] for b in order])
+        pos = np.concatenate([plans[b].positions for b in order])
+        slots = np.concatenate([plans[b].slot_of[plans[b].positions] for b in order])
         spans = attention_groups([lens[b] for b in order], self.group_cost)
-        groups = [self._group(work, keys, order[i:j], start, dev) for i, j in spans]
-        R = max(1, max(len(plan.candidates) for _, _, plan in work))
-        rows = torch.zeros((len(work), R), dtype=torch.long)
-        for b, (_, _, plan) in enumerate(work):
-            rows[b, :len(plan.candidates)] = plan.candidates + start[b]
-        ragged = Ragged(slots=slots.to(dev), groups=groups, logits_rows=rows.to(dev))
-        return ForwardBatch(ids=ids[None].to(dev), positions=pos[None].to(dev), cache=self.view, ragged=ragged)
+        groups = [self._group([plans[b] for b in order[i:j]], start[order[i]]) for i, j in spans]
+        R = max(1, max(len(p.candidates) for p in plans))
+        rows = np.zeros((len(plans), R), dtype=np.int64)
+        for b, p in enumerate(plans):
+            rows[b, :len(p.candidates)] = p.candidates + start[b]
+        ragged = Ragged(slots=self._t(slots), groups=groups, logits_rows=self._t(rows))
+        return ForwardBatch(ids=self._t(ids[None]), positions=self._t(pos[None]), cache=self.view, ragged=ragged)
 
-    def _group(self, work, keys, members: list[int], start: list[int], dev) -> AttnGroup:
-        t = torch.tensor([len(work[b][2].positions) for b in members])  # [b]
-        k = torch.tensor([len(keys[b]) for b in members])
+    def _group(self, members: list[_Plan], n0: int) -> AttnGroup:
+        t = np.array([len(p.positions) for p in members])  # [b]
+        k = np.array([len(p.keys) for p in members])
         T, K = int(t.max()), int(k.max())
-        key_slots = torch.full((len(members), K), self.pool.scratch, dtype=torch.long)
-        for j, b in enumerate(members):
-            key_slots[j, :len(keys[b])] = work[b][1].slots(keys[b])
-        visible = torch.arange(K)[None] < k[:, None]  # [b, K]
-        mask = None if bool(visible.all()) else visible[:, None, None, :].expand(-1, 1, T, K).to(dev)
-        real = torch.arange(T)[None] < t[:, None]  # [b, T]
-        rows = None if bool(real.all()) else real.reshape(-1).nonzero()[:, 0].to(dev)
-        n0 = start[members[0]]
-        return AttnGroup(n0=n0, n1=n0 + int(t.sum()), T=T, keys=key_slots.to(dev), mask=mask, rows=rows)
+        key_slots = np.full((len(members), K), self.pool.scratch, dtype=np.int64)
+        for j, p in enumerate(members):
+            key_slots[j, :len(p.keys)] = p.slot_of[p.keys]
+        visible = np.arange(K)[None] < k[:, None]  # [b, K]
+        mask = None if visible.all() else self._t(visible)[:, None, None, :].expand(-1, 1, T, K)
+        real = np.arange(T)[None] < t[:, None]  # [b, T]
+        rows = None if real.all() else self._t(np.flatnonzero(real))
+        return AttnGroup(n0=n0, n1=n0 + int(t.sum()), T=T, keys=self._t(key_slots), mask=mask, rows=rows)
+
+    def _t(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.model.device)
+
+
+class _Plan:
+    """One request's step plan as numpy views: canvas, rows, keys, candidates and its pool slot map."""
+
+    def __init__(self, dec, handle: KVHandle, plan):
+        self.x = dec.x.numpy()
+        self.positions, self.candidates = plan.positions.numpy(), plan.candidates.numpy()
+        self.keys = np.arange(len(self.x)) if plan.keys is None else plan.keys.numpy()
+        self.slot_of = handle.slot_map
 
 
 GROUP_COST_ROWS = 48  # one more attention call costs about what this many padded query rows do (bench.layout)

@@ -23,6 +23,7 @@ class KVHandle:
         table = torch.tensor(pages, dtype=torch.long)
         # [pages, page_size] -> [pages * page_size]: the slot of every position, one lookup per call
         self.slot_of = (table[:, None] * page_size + torch.arange(page_size)).reshape(-1)
+        self.slot_map = self.slot_of.numpy()  # the same, for the runner's numpy layout
 
     def slots(self, positions: torch.Tensor) -> torch.Tensor:
         return self.slot_of[positions]
