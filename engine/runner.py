@@ -119,7 +119,7 @@ class ModelRunner:
             visible[b, :k] = True
             rows[b, :r] = p.candidates
         # Only a ragged key set needs a mask; without one SDPA takes the same path a lone request takes.
-        mask = None if visible.all() else self._t(visible)[:, None, None, :].expand(B, 1, T, K)
+        mask = None if visible.all() else self._mask(visible).expand(B, 1, T, K)
         return ForwardBatch(ids=self._t(ids), positions=self._t(pos), cache=self.view, keys=self._t(key_slots),
                             attn_mask=mask, logits_rows=self._t(rows), slots=self._t(slots))
 
@@ -150,10 +150,15 @@ class ModelRunner:
         for j, p in enumerate(members):
             key_slots[j, :len(p.keys)] = p.slot_of[p.keys]
         visible = np.arange(K)[None] < k[:, None]  # [b, K]
-        mask = None if visible.all() else self._t(visible)[:, None, None, :].expand(-1, 1, T, K)
+        mask = None if visible.all() else self._mask(visible).expand(-1, 1, T, K)
         real = np.arange(T)[None] < t[:, None]  # [b, T]
         rows = None if real.all() else self._t(np.flatnonzero(real))
         return AttnGroup(n0=n0, n1=n0 + int(t.sum()), T=T, keys=self._t(key_slots), mask=mask, rows=rows)
+
+    def _mask(self, visible: np.ndarray) -> torch.Tensor:
+        """bool [b, K] -> additive [b, 1, 1, K] (0 or -inf) in the model's dtype: SDPA turns a bool mask into this
+        itself, in every layer (same result: the batch-invariance and ragged-batch tests compare exactly)."""
+        return self._t(np.where(visible, 0.0, -np.inf).astype(np.float32)).to(self.model.dtype)[:, None, None, :]
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.model.device)
