@@ -44,9 +44,12 @@ def is_fatal(exc: BaseException) -> bool:
 
 
 class Engine:
-    def __init__(self, model, scheduler: Scheduler, runner: ModelRunner, metrics=None, threads: int | None = None):
+    def __init__(self, model, scheduler: Scheduler, runner: ModelRunner, metrics=None, threads: int | None = None,
+                 warm_rows: int = 0):
+        """warm_rows: before the first step, build the matmul kernels of every padded row count up to this
+        (ModelRunner.warm_up), on the engine thread and its thread count, as the steps will run them."""
         self.model, self.scheduler, self.runner, self.metrics = model, scheduler, runner, metrics
-        self.threads = threads
+        self.threads, self.warm_rows = threads, warm_rows
         self.after_step: list = []  # called on the engine thread after each step (AsyncEngine's settle)
         self.lock = threading.Condition()
         self.steps = 0
@@ -117,6 +120,11 @@ class Engine:
     def _loop(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
+        if self.warm_rows:
+            t0 = time.monotonic()
+            sizes = self.runner.warm_up(self.warm_rows)
+            log.info("matmul kernels for %d row counts up to %d built in %.1fs", sizes, self.warm_rows,
+                     time.monotonic() - t0)
         while True:
             with self.lock:
                 while self.scheduler.idle and not self._stop:

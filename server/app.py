@@ -19,6 +19,9 @@ from .lifecycle import Lifecycle, Phase, Swap, starting_app
 log = logging.getLogger("diffuserve.server")
 
 
+WARM_ROWS = 2048  # the engine builds the matmul kernels of every padded row count up to this at start (~0.7 s)
+
+
 def build_engine(cfg, llm, metrics, threads: int | None = None):
     from engine.engine import AsyncEngine, Engine
     from engine.model.kv_pool import KVPool
@@ -28,8 +31,9 @@ def build_engine(cfg, llm, metrics, threads: int | None = None):
     e = cfg.engine
     pool = KVPool.for_model(llm.model, e.kv_cache_mb << 20)
     limits = Limits(max_running=e.max_running, max_waiting=e.max_waiting, max_rows_per_step=e.max_rows_per_step)
+    # Row counts past WARM_ROWS are rare, and a kernel built then costs little beside that big a forward.
     engine = Engine(llm.model, Scheduler(limits, pool), ModelRunner(llm.model, pool), metrics,
-                    threads=e.threads or threads)
+                    threads=e.threads or threads, warm_rows=min(e.max_rows_per_step, WARM_ROWS))
     engine.start()
     return engine, AsyncEngine(engine)
 

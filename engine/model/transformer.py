@@ -94,9 +94,11 @@ class AttnGroup:
 class Ragged:
     """A packed batch over a KVPool: N real rows of B requests back to back (no padding rows)."""
 
-    slots: torch.Tensor  # [N] pool rows their K/V are written to
-    groups: list[AttnGroup]  # covering [0, N) in order
-    logits_rows: torch.Tensor  # [B, R] packed row of each request's candidate rows (padding: any row)
+    slots: torch.Tensor  # [N] pool rows their K/V are written to (pad rows: the scratch slot)
+    groups: list[AttnGroup]  # covering [0, N - pad) in order
+    logits_rows: torch.Tensor  # [M >= B * R] packed row of each request's R candidate rows, flat (padding: any row)
+    logits_shape: tuple[int, int]  # (B, R)
+    pad: int = 0  # rows at the end that belong to no request (N is rounded up to few distinct sizes)
 
 
 @dataclass
@@ -167,8 +169,10 @@ class DiffusionLM(nn.Module):
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         if fb.ragged is not None:
-            # [N, H] -> [B, R, H]: each request's candidate rows
-            return self.lm_head(self._ragged_hidden_states(fb)[fb.ragged.logits_rows])
+            B, R = fb.ragged.logits_shape
+            # [N, H] -> [M, H] candidate rows -> [M, V] -> [B, R, V]
+            logits = self.lm_head(self._ragged_hidden_states(fb)[fb.ragged.logits_rows])
+            return logits[: B * R].view(B, R, -1)
         x = self.hidden_states(fb)
         if fb.logits_rows is not None:
             # [B, T, H] -> [B, R, H]: only the rows whose predictions the caller will read.
@@ -225,6 +229,8 @@ class DiffusionLM(nn.Module):
             k = self.rope.apply(layer.k_proj(h).view(-1, s.num_kv_heads, s.head_dim), cos, sin)
             fb.cache.write_rows(i, rg.slots, k.view(k.shape[0], -1), layer.v_proj(h))
             parts = [self._group_attention(i, q[g.n0:g.n1], g, fb.cache) for g in rg.groups]
+            if rg.pad:
+                parts.append(x.new_zeros(rg.pad, s.hidden_size))
             x = x + layer.o_proj(parts[0] if len(parts) == 1 else torch.cat(parts))
             x = x + self._mlp(layer, x)
         return self.norm(x)
