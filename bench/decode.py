@@ -74,14 +74,18 @@ class Row:
 
 
 class RowCounter:
-    """Counts the query rows every model forward computes (valid rows of a ragged batch only)."""
+    """Counts the query rows every model forward computes (real rows only: not a padded batch's padding rows, nor
+    the engine's pad rows that round its row count up)."""
 
     def __init__(self, model):
         self.model, self.rows, self._forward = model, 0, model.forward
 
     def __enter__(self):
         def counted(fb):
-            self.rows += int(fb.valid.sum()) if fb.valid is not None else fb.ids.numel()
+            if fb.ragged is not None:
+                self.rows += fb.ids.numel() - fb.ragged.pad
+            else:
+                self.rows += int(fb.valid.sum()) if fb.valid is not None else fb.ids.numel()
             return self._forward(fb)
 
         self.model.forward = counted
