@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="prompt text (needs tokenizer files)")
     g.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
     g.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64", "auto"])
+    g.add_argument("--dtype", default="auto", choices=["float32", "bfloat16", "float16", "float64", "auto"])
     g.add_argument("--device", default="cpu")
     g.add_argument("--json", action="store_true", help="print ids, text, forward passes and wall time as JSON")
     add_decoding_flags(g)
