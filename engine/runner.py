@@ -209,8 +209,8 @@ def attention_groups(lens: list[int], cost: int = GROUP_COST_ROWS) -> list[tuple
     best, cut = [0.0], [0]  # best[e]: cost of the first ends[e-1] requests; cut[e]: where its last group starts
     for e, j in enumerate(ends, 1):
         options = [(best[d] + cost + (j - i) * lens[j - 1], d) for d, i in enumerate([0] + ends[:e - 1])]
-        cost, d = min(options)
-        best.append(cost)
+        total, d = min(options)
+        best.append(total)
         cut.append(d)
     out, e = [], len(ends)
     while e:
