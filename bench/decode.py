@@ -7,9 +7,10 @@
 For each model, generation length and batch size, each method decodes the same prompts and the table reports
 generated tokens/s (non-EOS tokens after stop truncation, as the papers count), the speed-up over vanilla (the
 reference sampler, one token per step), forward passes, query rows computed per generated token, and, on tiny-task,
-exact match / validity from the task checkers. Batch B: the reference loops decode B equal-length prompts as one
-[B, L] batch, as their authors' code does; our `window` mode runs B concurrent requests through the serving engine
-(scheduler, runner, KV pool), as the server does. A length the model cannot hold is skipped and says so.
+exact match / validity from the task checkers. Batch B: every method runs B concurrent requests through the serving
+engine (scheduler, runner, KV pool), sharing its steps, as the server runs them; batch 1 runs each request alone
+through the same engine step (`window` through the engine as served, the others through `engine.offline`). A length
+the model cannot hold is skipped and says so.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from engine import offline
 from engine.decoding import METHODS, DecodeOptions
 from engine.detokenizer import finish
 
@@ -78,10 +80,11 @@ class RowCounter:
     the engine's pad rows that round its row count up)."""
 
     def __init__(self, model):
-        self.model, self.rows, self._forward = model, 0, model.forward
+        self.model, self.rows, self.calls, self._forward = model, 0, 0, model.forward
 
     def __enter__(self):
         def counted(fb):
+            self.calls += 1
             if fb.ragged is not None:
                 self.rows += fb.ids.numel() - fb.ragged.pad
             else:
@@ -157,15 +160,13 @@ def tally(row: Row, tokens: int, text: str, example) -> None:
         tally_task[1] += 1
 
 
-BATCH_ONE = {"window_llada"}  # references written for one sequence: a batch runs them in turn
+def method_of(llm, method: str):
+    return METHODS[llm.default_method() if method == "vanilla" else method]
 
 
 def run_reference(llm, method: str, opts: DecodeOptions, group, row: Row, vanilla_forwards: int = 0) -> None:
-    if method in BATCH_ONE and len(group) > 1:
-        for one in group:
-            run_reference(llm, method, opts, [one], row, vanilla_forwards)
-        return
-    m = METHODS[llm.default_method() if method == "vanilla" else method]
+    """One request (batch 1) through the engine's step with a pool of one (engine.offline)."""
+    m = method_of(llm, method)
     scale, run_opts = 1.0, opts
     if method == "vanilla" and llm.tokenizer is None and 0 < vanilla_forwards < opts.n_steps:
         # Vanilla's every forward is the same full canvas whatever the step count, so its wall time, forwards and
@@ -178,7 +179,7 @@ def run_reference(llm, method: str, opts: DecodeOptions, group, row: Row, vanill
     prompt = torch.tensor([ids for ids, _ in group], dtype=torch.long)  # [B, L], equal lengths by construction
     with RowCounter(llm.model) as rc:
         t0 = time.perf_counter()
-        res = m.generate(llm.model, prompt, run_opts, torch.Generator().manual_seed(0))
+        res = offline.generate(llm.model, m, prompt, run_opts, torch.Generator().manual_seed(0))
         row.wall_s += (time.perf_counter() - t0) * scale
     row.forward_passes += round(res.forward_calls * scale)
     row.query_rows += round(rc.rows * scale)
@@ -186,8 +187,8 @@ def run_reference(llm, method: str, opts: DecodeOptions, group, row: Row, vanill
         score(row, llm, res.ids[b].tolist(), ex)
 
 
-def run_engine(llm, opts: DecodeOptions, group, row: Row) -> None:
-    """B concurrent requests of our window mode through the serving engine, as the server runs them."""
+def run_engine(llm, method: str, opts: DecodeOptions, group, row: Row) -> None:
+    """B concurrent requests of any method through the serving engine, as the server runs them."""
     import threading
 
     from engine.engine import Engine
@@ -196,14 +197,10 @@ def run_engine(llm, opts: DecodeOptions, group, row: Row) -> None:
     from engine.runner import ModelRunner
     from engine.scheduler import Limits, Scheduler
 
-    # A pool just big enough for this group: zero-filling a fixed 2 GiB pool took about a second per call, and a
-    # sweep's many engines held many of them until the cycle collector ran.
-    pool = KVPool.for_requests(llm.model, [len(ids) + opts.gen_length for ids, _ in group])
-    engine = Engine(llm.model, Scheduler(Limits(), pool), ModelRunner(llm.model, pool))
     reqs, left, done = [], [len(group)], threading.Event()
     texts, tokens = defaultdict(str), {}
 
-    def sink(out):  # the request's decoder is gone once it retires: keep what it emitted
+    def sink(out):  # the request's state is gone once it retires: keep what it emitted
         texts[out.request_id] += out.text
         if out.finished:
             tokens[out.request_id] = out.completion_tokens
@@ -212,8 +209,12 @@ def run_engine(llm, opts: DecodeOptions, group, row: Row) -> None:
                 done.set()
 
     for i, (ids, _) in enumerate(group):
-        reqs.append(Request(f"bench-{i}", ids, METHODS["window"], opts, i, sink, llm.tokenizer, llm.spec.stop_ids,
-                            llm.spec.mask_id))
+        reqs.append(Request(f"bench-{i}", ids, method_of(llm, method), opts, i, sink, llm.tokenizer,
+                            llm.spec.stop_ids, llm.spec.mask_id))
+    # A pool just big enough for this group: zero-filling a fixed 2 GiB pool took about a second per call, and a
+    # sweep's many engines held many of them until the cycle collector ran.
+    pool = KVPool.for_requests(llm.model, [r.capacity for r in reqs])
+    engine = Engine(llm.model, Scheduler(Limits(), pool), ModelRunner(llm.model, pool))
     with RowCounter(llm.model) as rc:
         t0 = time.perf_counter()
         for r in reqs:
@@ -221,7 +222,7 @@ def run_engine(llm, opts: DecodeOptions, group, row: Row) -> None:
         while not done.is_set():  # driven here, synchronously: no thread hand-off in the timing
             engine.step()
         row.wall_s += time.perf_counter() - t0
-    row.forward_passes += engine.steps
+    row.forward_passes += rc.calls  # model forwards (a verifier-only step of `guided` makes none)
     row.query_rows += rc.rows
     for r, (_, ex) in zip(reqs, group):
         assert r.phase.value == "finished", (r.request_id, r.phase)
@@ -262,7 +263,7 @@ def bench(models, lengths, batches, methods, n, out=sys.stderr, vanilla_forwards
                     row = rows[method] = Row(name, gen, batch, method)
                     for k in range(0, len(group_prompts), batch):
                         group = group_prompts[k:k + batch]
-                        (run_engine(llm, opts, group, row) if method == "window"
+                        (run_engine(llm, method, opts, group, row) if method == "window" or batch > 1
                          else run_reference(llm, method, opts, group, row, vanilla_forwards))
                     d = row.as_dict(rows.get("vanilla"))
                     results.append(d)

@@ -37,8 +37,8 @@ def speed(llm, name: str, opts: DecodeOptions, batch: int) -> tuple[Row, Row]:
         prompts = prompts_for(llm, name, 8, 1)
     one, many = Row(name, opts.gen_length, 1, "window"), Row(name, opts.gen_length, batch, "window")
     for p in prompts:
-        run_engine(llm, opts, [p], one)
-    run_engine(llm, opts, [prompts[i % len(prompts)] for i in range(batch)], many)
+        run_engine(llm, "window", opts, [p], one)
+    run_engine(llm, "window", opts, [prompts[i % len(prompts)] for i in range(batch)], many)
     return one, many
 
 

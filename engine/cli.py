@@ -74,14 +74,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
-    from .conformance import run_file, summary
+    from .conformance import EngineRun, run_file, run_file_engine, summary
 
     def report(r):
         if r.status != "passed" or args.verbose:
             print(f"{r.case_id}: {r.status}: {r.detail or f'{r.seconds:.1f}s'}", flush=True)
 
     only = (lambda c: c["method"] in args.methods.split(",")) if args.methods else None
-    results = run_file(args.cases, only=only, report=report)
+    if args.engine:
+        run = EngineRun()
+        results = run_file_engine(args.cases, only=only, report=report, run=run)
+        print(f"engine: {run.steps} batched steps, {run.shared_steps} of them computed more than one request, up "
+              f"to {run.most_per_step} at once")
+    else:
+        results = run_file(args.cases, only=only, report=report)
     print(summary(results))
     return 1 if any(r.status == "failed" for r in results) else 0
 
@@ -148,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("conformance", help="replay reference cases (cases.json) and compare token for token")
     c.add_argument("cases", help="path to a cases.json file")
     c.add_argument("--methods", help="only these methods (comma-separated)")
+    c.add_argument("--engine", action="store_true",
+                   help="submit every case to one serving engine at once (mixed methods sharing its steps)")
     c.add_argument("-v", "--verbose", action="store_true")
     c.add_argument("--native-cpu", action="store_true",
                    help="keep this CPU's best torch kernels instead of AVX2 (float32 cases may then differ)")

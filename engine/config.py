@@ -17,7 +17,7 @@ from .model.loader import AUTO
 from .model.bundled import DEFAULT_MODEL, MODELS_DIR, bundled_names, resolve_model
 
 DEFAULT_METHOD = {"llada": "llada", "dream": "dream"}  # offline default: the family's reference sampler
-SERVING_METHOD = {"llada": "window", "dream": "dream"}  # server default when neither request nor config names one
+SERVING_METHOD = {"llada": "window", "dream": "window"}  # server default when neither request nor config names one
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,12 @@
 A case names a method, a dtype, a seed, prompt ids and the reference function's keyword arguments; it passes when
 our method returns exactly the reference's output ids and makes the same number of model forward calls. A method
 that is not registered yet is reported as skipped, never as passed.
+
+`run_file` runs the cases one by one (`engine.offline.generate`: the engine step with a pool of one);
+`run_file_engine` submits every case of a file to one serving engine at once (one per dtype), so mixed methods,
+prompt lengths, seeds and phases share every step, through the same scheduler and runner as the server. A case
+with several prompt rows (the reference's own batch, whose rows some methods couple: Dream's commit count is a
+mean over rows, Streaming-dLLM's mask ratio a sum) is one request whose state decodes those rows together.
 """
 
 from __future__ import annotations
@@ -15,8 +21,13 @@ from typing import Callable
 
 import torch
 
+from . import offline
 from .decoding import METHODS, DecodeOptions
+from .engine import Engine
 from .model import DTYPES, DiffusionLM, load_model
+from .model.kv_pool import KVPool
+from .runner import ModelRunner
+from .scheduler import Limits, Scheduler
 
 # Reference keyword -> our option name. Keys mapped to None are output plumbing with no effect on tokens.
 _RENAMES = {"max_new_tokens": "gen_length", "mask_id": None, "output_history": None,
@@ -66,6 +77,16 @@ def first_difference(expected: list[list[int]], got: list[list[int]]) -> str:
     return ""
 
 
+def check_result(case: dict, ids: list[list[int]], forward_calls: int, refresh_calls: int) -> str:
+    """'' if the output matches the reference's, else what differs first."""
+    detail = first_difference(case["output_ids"], ids)
+    if not detail and "forward_calls" in case and case["forward_calls"] != forward_calls:
+        detail = f"forward_calls {forward_calls} != expected {case['forward_calls']}"
+    if not detail and "refresh_calls" in case and case["refresh_calls"] != refresh_calls:
+        detail = f"refresh_calls {refresh_calls} != expected {case['refresh_calls']}"
+    return detail
+
+
 def run_case(case: dict, family: str, model: DiffusionLM) -> CaseResult:
     method = METHODS.get(case["method"])
     if method is None:
@@ -75,16 +96,90 @@ def run_case(case: dict, family: str, model: DiffusionLM) -> CaseResult:
         opts = case_options(case, family, model.spec.mask_id)
         gen = torch.Generator().manual_seed(int(case.get("seed", 0)))
         prompt = torch.tensor(case["prompt_ids"], dtype=torch.long)
-        result = method.generate(model, prompt, opts, gen)
+        result = offline.generate(model, method, prompt, opts, gen)
     except Exception as exc:  # a crash is a failure of that case, not of the run
         return CaseResult(case["id"], "failed", f"error: {type(exc).__name__}: {exc}", time.monotonic() - t0)
-    got = result.ids.tolist()
-    detail = first_difference(case["output_ids"], got)
-    if not detail and "forward_calls" in case and case["forward_calls"] != result.forward_calls:
-        detail = f"forward_calls {result.forward_calls} != expected {case['forward_calls']}"
-    if not detail and "refresh_calls" in case and case["refresh_calls"] != result.refresh_calls:
-        detail = f"refresh_calls {result.refresh_calls} != expected {case['refresh_calls']}"
+    detail = check_result(case, result.ids.tolist(), result.forward_calls, result.refresh_calls)
     return CaseResult(case["id"], "failed" if detail else "passed", detail, time.monotonic() - t0)
+
+
+ROWS_PER_STEP = 512
+
+
+@dataclass
+class EngineRun:
+    """What sharing looked like: batched forwards run and the most requests one of them computed."""
+
+    steps: int = 0
+    most_per_step: int = 0
+    shared_steps: int = 0  # forwards that computed more than one request
+
+
+def run_engine(cases: list[dict], family: str, model: DiffusionLM, run: EngineRun | None = None) -> list[CaseResult]:
+    """Submit every case at once to one engine over `model` and step it until all are done."""
+    t0, results, reqs = time.monotonic(), {}, []
+    for case in cases:
+        method = METHODS.get(case["method"])
+        if method is None:
+            results[case["id"]] = CaseResult(case["id"], "skipped", "method not implemented")
+            continue
+        try:
+            opts = case_options(case, family, model.spec.mask_id)
+        except ValueError as exc:
+            results[case["id"]] = CaseResult(case["id"], "failed", f"error: {exc}")
+            continue
+        rows, outs = case["prompt_ids"], []
+        seed = int(case.get("seed", 0))
+        reqs.append((case, outs, offline.Kept(case["id"], rows[0], method, opts, seed, outs.append,
+                                              batch_prompts=rows if len(rows) > 1 else None)))
+    pool = KVPool.for_requests(model, [r.capacity for _, _, r in reqs])
+    n = max(1, len(reqs))
+    runner = ModelRunner(model, pool)
+    run = run if run is not None else EngineRun()
+    step = runner.step
+
+    def counted(work):  # how many requests each forward computed
+        run.steps += 1
+        run.most_per_step = max(run.most_per_step, len(work))
+        run.shared_steps += len(work) > 1
+        return step(work)
+
+    runner.step = counted
+    # The reference loops read every row's logits (a [rows, vocab] block in float64: ~1.2 MB a row at Dream's
+    # vocabulary): a row budget keeps a step's logits under a gigabyte; the rest wait their turn, as in a server.
+    limits = Limits(max_running=n, max_waiting=n, max_rows_per_step=ROWS_PER_STEP)
+    engine = Engine(model, Scheduler(limits, pool), runner)
+    for _, _, req in reqs:
+        engine.submit(req)
+    while not engine.scheduler.idle:
+        engine.step()
+    for case, outs, req in reqs:
+        last = outs[-1] if outs else None
+        if last is None or last.error is not None or req.kept is None:
+            detail = f"error: {'no output' if last is None else last.error}"
+        else:
+            res = req.kept.result()
+            detail = check_result(case, res.ids.tolist(), res.forward_calls, res.refresh_calls)
+        results[case["id"]] = CaseResult(case["id"], "failed" if detail else "passed", detail, time.monotonic() - t0)
+    return [results[c["id"]] for c in cases]
+
+
+def run_file_engine(path: str | Path, only: Callable[[dict], bool] | None = None,
+                    report: Callable[[CaseResult], None] | None = None,
+                    run: EngineRun | None = None) -> list[CaseResult]:
+    """Every case of the file (of each dtype) in one engine at once; results in the file's order."""
+    path = Path(path)
+    spec = json.loads(path.read_text())
+    cases = [c for c in spec["cases"] if only is None or only(c)]
+    by_id = {}
+    for dtype in dict.fromkeys(c["dtype"] for c in cases):
+        model = load_model((path.parent / spec["model"]).resolve(), DTYPES[dtype])
+        for res in run_engine([c for c in cases if c["dtype"] == dtype], spec["family"], model, run):
+            by_id[res.case_id] = res
+    results = [by_id[c["id"]] for c in cases]
+    for res in results if report else ():
+        report(res)
+    return results
 
 
 def run_file(path: str | Path, only: Callable[[dict], bool] | None = None,

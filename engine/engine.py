@@ -1,15 +1,15 @@
 """Engine: the loop that steps every running request in one batched forward, on a dedicated worker thread.
 
 Each step: act on aborts and deadlines, admit waiting requests (`Scheduler.admit`), ask each running request's
-decoder for its plan, pack the plans into one forward (`ModelRunner.step`), hand each request its logits
+decoding state for its plan, pack the plans into one forward (`ModelRunner.step`), hand each request its logits
 (`commit`), emit what has settled, and retire the finished, freeing their KV pages right there. Requests join and
 leave between steps, so one request's refresh step and others' pruned steps share a forward.
 
 A failure inside the batched forward is retried request by request, so only the request that fails alone fails.
 A fatal error (`FatalEngineError`, or a CUDA error: the device is unusable for everyone) instead ends every request
 with a 500 and stops the loop; `alive` then turns False, /health 503, and the server's watchdog exits the process
-so that its supervisor restarts it. Methods without a stepper (the reference loops) run whole, alone, inside one
-engine step.
+so that its supervisor restarts it. Every method is a stepped state (engine.decoding.step), so a request of any
+method shares each step with the others and can be aborted at any step boundary.
 
 `AsyncEngine` is the front the server awaits: `generate()` submits a request and yields its outputs as they come.
 """
@@ -163,13 +163,10 @@ class Engine:
             self._observe_queues()
         for req in admitted:
             req.phase = RequestPhase.RUNNING
-            self._guard(req, lambda r=req: r.start(self.model, r.kv))
-        stepwise = [r for r in running if r.phase is RequestPhase.RUNNING and r.stepwise]
-        for req in running:
-            if req.phase is RequestPhase.RUNNING and not req.stepwise:
-                self._guard(req, lambda r=req: self._run_whole(r))
-        if stepwise:
-            self._step_batch(stepwise)
+            self._guard(req, lambda r=req: self._start(r))
+        stepping = [r for r in running if r.phase is RequestPhase.RUNNING]
+        if stepping:
+            self._step_batch(stepping)
         with self.lock:
             for req in running:
                 if req.phase is not RequestPhase.RUNNING:
@@ -178,26 +175,29 @@ class Engine:
             self._observe_queues()
             self.lock.notify_all()
 
+    def _start(self, req: Request) -> None:
+        req.start(self.model.spec, req.kv)
+        if req.state.done:  # a method that decided everything without a forward
+            req.emit(req.canvas(), final=True)
+
     def _step_batch(self, reqs: list[Request]) -> None:
         plans = []
         for req in reqs:
-            self._guard(req, lambda r=req: plans.append((r, r.decoder.plan())))
-        n = self.scheduler.batch([len(p.positions) for _, p in plans])
-        if n < len(plans):  # rows over budget: the rest go first next step
+            self._guard(req, lambda r=req: plans.append((r, r.state.plan())))
+        chosen = self.scheduler.batch([p.rows for _, p in plans])
+        if len(chosen) < len(plans):  # rows over budget: the ones left out go first next step
             with self.lock:
-                skipped = {id(r) for r, _ in plans[n:]}
-                run = self.scheduler.running
-                run.sort(key=lambda r: id(r) not in skipped)
-        plans = plans[:n]
-        work = [(r.decoder, r.kv, p) for r, p in plans]
+                skipped = {id(r) for i, (r, _) in enumerate(plans) if i not in set(chosen)}
+                self.scheduler.running.sort(key=lambda r: id(r) not in skipped)
+        plans = [plans[i] for i in chosen]
         try:
-            results, stats = self.runner.step(work)
+            results, stats = self.runner.step([(r.kv, p) for r, p in plans])
             outcome = list(zip(plans, results))
         except Exception:
             outcome, stats = self._isolate(plans)
         tally = [0, 0]  # tokens committed, refresh steps
-        for (req, plan), logits in outcome:
-            self._guard(req, lambda r=req, p=plan, lg=logits: self._commit(r, p, lg, tally))
+        for (req, plan), result in outcome:
+            self._guard(req, lambda r=req, p=plan, res=result: self._commit(r, p, res, tally))
         if self.metrics is not None:
             self.metrics.on_step(stats, *tally)
 
@@ -206,32 +206,27 @@ class Engine:
         outcome, total = [], StepStats()
         for req, plan in plans:
             try:
-                (logits,), stats = self.runner.step([(req.decoder, req.kv, plan)])
+                (result,), stats = self.runner.step([(req.kv, plan)])
             except Exception as exc:
                 if is_fatal(exc):
                     raise
                 self._fail(req, exc)
                 continue
-            outcome.append(((req, plan), logits))
+            outcome.append(((req, plan), result))
             for k in ("requests", "rows", "keys", "pruned"):
                 setattr(total, k, getattr(total, k) + getattr(stats, k))
         return outcome, total
 
-    def _commit(self, req: Request, plan, logits, tally: list[int]) -> None:
-        dec = req.decoder
-        masks, refreshes = len(dec.masks()), dec.refresh_calls
-        dec.commit(plan, logits.logits, logits.choice)
-        req.forward_calls += 1
-        tally[0] += masks - len(dec.masks())
-        tally[1] += dec.refresh_calls - refreshes
+    def _commit(self, req: Request, plan, result, tally: list[int]) -> None:
+        state = req.state
+        masks = state.undecoded()
+        state.commit(plan, result)
+        req.forward_calls = state.forward_calls
+        tally[0] += masks - state.undecoded()
+        tally[1] += int(plan.refresh)
         # emit marks the request FINISHED once its output is complete
-        req.emit(req.canvas(), final=req.done_decoding(), logprobs=req.decoder.logprobs[len(req.prompt_ids):])
-
-    def _run_whole(self, req: Request) -> None:
-        prompt = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.model.device)
-        result = req.method.generate(self.model, prompt, req.opts, req.gen)
-        req.forward_calls = result.forward_calls
-        req.emit(result.ids[0].tolist(), final=True)  # final: the request is FINISHED
+        lp = None if state.logprobs is None else state.logprobs[state.prompt_len:]
+        req.emit(req.canvas(), final=state.done, logprobs=lp)
 
     def _guard(self, req: Request, fn) -> None:
         if req.phase is not RequestPhase.RUNNING:

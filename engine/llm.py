@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import DEFAULT_METHOD
+from . import offline
 from .decoding import DecodeOptions, get_method
 from .detokenizer import Completion, finish
 from .model import DiffusionLM, load_model
@@ -56,7 +57,7 @@ class LLM:
         # "vanilla": the family's reference sampler (llada or dream), the baseline every method is measured against
         name = self.default_method() if method in (None, "vanilla") else method
         m = get_method(name)
-        if m.family != self.spec.family:
+        if not m.decodes(self.spec.family):
             raise ValueError(f"method {name!r} decodes {m.family} models, not {self.spec.family}")
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -67,7 +68,7 @@ class LLM:
         gen = torch.Generator().manual_seed(seed)
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
         t0 = time.perf_counter()
-        result = m.generate(self.model, prompt, opts, gen)
+        result = offline.generate(self.model, m, prompt, opts, gen)
         wall = time.perf_counter() - t0
         canvas = result.ids[0].tolist()
         done = finish(canvas, self.tokenizer, self.spec.stop_ids, self.spec.mask_id, stop)

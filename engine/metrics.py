@@ -42,6 +42,8 @@ class Metrics:
                                 "Canvas positions neither computed nor attended in one step", buckets=COUNTS, **label)
         self.refreshes = Counter("diffuserve:refreshes", "Window refresh steps", **label)
         self.steps = Counter("diffuserve:engine_steps", "Batched engine steps", **label)
+        self.batch = Histogram("diffuserve:requests_per_step", "Requests computed in one engine step",
+                               buckets=COUNTS, **label)
         self.model_name = model_name
         for outcome in OUTCOMES:  # every outcome is exported from the start, at 0
             self.requests.labels(model_name, outcome)
@@ -57,6 +59,7 @@ class Metrics:
 
     def on_step(self, stats, committed: int, refreshes: int) -> None:
         self._m(self.steps).inc()
+        self._m(self.batch).observe(stats.requests)
         self._m(self.rows).observe(stats.rows)
         self._m(self.pruned).observe(stats.pruned)
         self._m(self.committed).observe(committed)

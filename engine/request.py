@@ -1,7 +1,7 @@
 """Request: one generation's whole state, from arrival to its last output, with an explicit phase.
 
-A request owns its decoder (the method's per-request state: canvas, window partitions, step, phase within the
-method), its KV handle into the shared pool, how much of its settled output it has already emitted, and its stream
+A request owns its decoding state (the method's `DecodeState`: canvas, partitions, step, the method's own phase),
+its KV handle into the shared pool, how much of its settled output it has already emitted, and its stream
 detokenizer. The scheduler only moves requests between queues; the engine loop steps them and calls `emit`.
 Outputs go to `sink`, a callable the async front supplies (it forwards them to the event loop thread-safely).
 """
@@ -16,13 +16,14 @@ from typing import Callable
 import torch
 
 from .decoding import DecodeOptions, Method
+from .decoding.step import DecodeState
 from .detokenizer import StreamDetokenizer, cut_at_stop, finish
 from .model.kv_pool import KVHandle
 
 
 class RequestPhase(enum.Enum):
     WAITING = "waiting"  # queued, holds nothing
-    RUNNING = "running"  # admitted: holds a KV handle and a decoder
+    RUNNING = "running"  # admitted: holds a KV handle and a decoding state
     FINISHED = "finished"  # ended normally (EOS, stop string or length)
     ABORTED = "aborted"  # client gone, deadline passed or server stopping
     FAILED = "failed"  # its own generation raised; no other request is touched
@@ -57,7 +58,7 @@ class Request:
     stops: list[str] = field(default_factory=list)
     deadline: float | None = None  # time.monotonic() after which the engine ends it
     phase: RequestPhase = RequestPhase.WAITING
-    decoder: object = None
+    state: DecodeState | None = None
     kv: KVHandle | None = None
     emitted: int = 0  # settled generated tokens already sent
     settled: int = 0  # length of the settled prefix at the last emit
@@ -67,32 +68,29 @@ class Request:
     finished_at: float | None = None
     forward_calls: int = 0
     completion_tokens: int = 0  # known once finished: tokens before EOS or the stop string
+    # Parity cases only: rows of the reference's own batch, decoded as one state (prompt_ids is row 0). A server
+    # request is one sequence.
+    batch_prompts: list[list[int]] | None = None
+    gen: torch.Generator | None = None  # its random stream; None: a generator seeded with `seed`
 
     def __post_init__(self):
         self.detok = StreamDetokenizer(self.tokenizer, self.stops)
-        self.gen = torch.Generator().manual_seed(self.seed)
+        if self.gen is None:
+            self.gen = torch.Generator().manual_seed(self.seed)
 
     @property
     def capacity(self) -> int:
-        """Cache slots it needs: one per canvas position."""
-        return len(self.prompt_ids) + self.opts.gen_length
+        """Cache slots its state needs: one per canvas position, by default."""
+        rows = 1 if self.batch_prompts is None else len(self.batch_prompts)
+        return self.method.state.slots_needed(rows, len(self.prompt_ids) + self.opts.gen_length, self.opts)
 
-    @property
-    def stepwise(self) -> bool:
-        return self.method.stepper is not None
-
-    def start(self, model, kv: KVHandle) -> None:
+    def start(self, spec, kv: KVHandle) -> None:
         self.kv = kv
-        if self.stepwise:
-            prompt = torch.tensor(self.prompt_ids, dtype=torch.long)
-            self.decoder = self.method.stepper(model, prompt, self.opts, self.gen)
+        prompt = torch.tensor(self.batch_prompts or [self.prompt_ids], dtype=torch.long)
+        self.state = self.method.state(spec, prompt, self.opts, self.gen)
 
     def canvas(self) -> list[int]:
-        return self.decoder.x[len(self.prompt_ids):].tolist()
-
-    def done_decoding(self) -> bool:
-        d = self.decoder
-        return d.phase.value == "done" or d.step >= d.max_steps
+        return self.state.canvas().tolist()
 
     def emit(self, canvas: list[int], final: bool, logprobs: torch.Tensor | None = None) -> bool:
         """Send what the canvas has settled since the last call; True if the output is complete (a stop token or

@@ -1,9 +1,11 @@
 """ModelRunner: many requests' step plans -> one batched forward over the shared KV pool -> logits per request.
 
-Each running request's decoder says which rows to compute (absolute positions), which keys they may see and which
-rows' logits it will read (`StepPlan`). The runner translates positions and keys into pool slots through each
-request's `KVHandle`, lays the plans out in one `ForwardBatch` (padding rows write to the scratch slot, padded
-keys are masked out), runs the model once, and hands each request its own logits back.
+Each running request's decoding state says, per segment, which rows to compute (ids at absolute positions), which
+request-local slots they write and attend to, and which rows' logits it will read (`decoding.step.StepPlan`). The
+runner translates slots into pool slots through each request's `KVHandle`, lays every segment out in one
+`ForwardBatch` (padding rows write to the scratch slot, padded keys are masked out), runs the model once, and
+hands each request its segments' logits back (`StepResult`). It also runs the verifier passes of guided diffusion:
+it is the one place a model is called.
 
 Layout, chosen by measurement (docs/benchmarks.md): the real rows of all requests go back to back ([1, N], the
 `Ragged` layout): the projections and MLP (almost all the FLOPs) run on them as they are, K/V go straight to
@@ -22,35 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from .decoding.sampling import argmax
+from .decoding.step import Rows, Segment, StepPlan, StepResult, Verify, log_prob
 from .model import AttnGroup, DiffusionLM, ForwardBatch, Ragged
+from .model.causal import load_verifier
 from .model.kv_pool import KVHandle, KVPool, PoolView
-
-
-@dataclass
-class Rows:
-    """One request's share of a step's output: the logits of its candidate rows and, computed for the whole batch
-    at once, each row's greedy token and its probability (what a temperature-0 commit needs; per request these
-    were three small ops each, a cost that grew with the batch)."""
-
-    logits: torch.Tensor  # [R, V]
-    greedy: torch.Tensor  # [R] argmax token
-    prob: torch.Tensor  # [R] its softmax probability, in the logits' dtype
-    logprob: torch.Tensor  # [R] float32 log of prob (floored at 1e-30), what the response's logprobs report
-
-    @classmethod
-    def of(cls, logits: torch.Tensor) -> Rows:
-        """One request's logits [R, V] alone."""
-        greedy = argmax(logits)
-        prob = torch.gather(F.softmax(logits, dim=-1), -1, greedy[:, None])[:, 0]
-        return cls(logits, greedy, prob, log_prob(prob))
-
-    @property
-    def choice(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.greedy, self.prob, self.logprob
-
-
-def log_prob(prob: torch.Tensor) -> torch.Tensor:
-    return prob.float().clamp_min(1e-30).log()
 
 
 @dataclass
@@ -67,26 +44,61 @@ class ModelRunner:
         self.model, self.pool, self.pack = model, pool, pack
         self.group_cost = GROUP_COST_ROWS if group_cost is None else group_cost
         self.view = PoolView(pool)
+        self.verifiers: dict = {}  # guided diffusion's causal LMs, by name, loaded on first use
 
     @torch.inference_mode()
-    def step(self, work: list[tuple[object, KVHandle, object]]) -> tuple[list[Rows], StepStats]:
-        """work: (decoder, handle, plan) per request, where the decoder has a canvas `x` [N] and the plan has
-        positions [T], keys [K] or None (the whole canvas) and candidates [R]. -> Rows (logits [R, V]) per request."""
-        fb, counts = self._pack(work)
-        logits = self.model.forward(fb)  # [B, Rmax, V]
-        # A row's softmax does not depend on the other rows: the batched result equals each request's own.
-        greedy = argmax(logits)  # [B, Rmax]
-        prob = torch.gather(F.softmax(logits, dim=-1), -1, greedy[..., None])[..., 0]  # [B, Rmax]
-        logprob = log_prob(prob)
-        out = [Rows(logits[b, :r], greedy[b, :r], prob[b, :r], logprob[b, :r]) for b, r in enumerate(counts)]
+    def step(self, work: list[tuple[KVHandle, StepPlan]]) -> tuple[list[StepResult], StepStats]:
+        """work: (handle, plan) per request -> a StepResult per request (a Rows per segment of its plan, in order,
+        and the verifier's tokens where the plan has a Verify pass)."""
+        segs = [_Segment(s, handle.slot_map) for handle, plan in work for s in plan.segments]
+        results = [StepResult() for _ in work]
         stats = StepStats(requests=len(work))
-        for dec, _, plan in work:
-            n = dec.x.shape[0]
-            k = n if plan.keys is None else len(plan.keys)
-            stats.rows += len(plan.positions)
-            stats.keys += k
-            stats.pruned += n - max(k, len(plan.positions))
-        return out, stats
+        if segs:
+            if self.pack:
+                logits = self.model.forward(self._pack_ragged(segs))  # [M, V]: every segment's rows, back to back
+            else:
+                fb, flat = self._pack_padded(segs)
+                logits = self.model.forward(fb).flatten(0, 1)[flat]  # [B, R, V] -> [M, V]
+            choices = self._greedy(logits, segs)
+            owners = [i for i, (_, plan) in enumerate(work) for _ in plan.segments]
+            m = 0
+            for i, s, choice in zip(owners, segs, choices):
+                r = len(s.candidates)
+                results[i].rows.append(Rows(logits[m:m + r], *choice))
+                m += r
+                stats.rows += len(s.positions)
+                stats.keys += len(s.keys)
+                stats.pruned += max(0, s.canvas - max(len(s.keys), len(s.positions)))
+        for res, (_, plan) in zip(results, work):
+            if plan.verify is not None:
+                res.verified = self._verify(plan.verify)
+        return results, stats
+
+    def _greedy(self, logits: torch.Tensor, segs: list[_Segment]) -> list[tuple]:
+        """Per segment: (argmax [R], its probability [R], log-probability [R]) if it asked, else Nones; computed
+        in one op over the rows of every segment that asked. A row's softmax does not depend on the other rows, so
+        the batched result equals each request's own."""
+        counts = [len(s.candidates) for s in segs]
+        none = (None, None, None)
+        if not any(s.greedy for s in segs):
+            return [none] * len(segs)
+        ends = np.cumsum(counts)
+        rows = logits
+        if not all(s.greedy for s in segs):  # only the rows of the segments that asked
+            rows = logits[self._t(np.concatenate([np.arange(e - c, e) for e, c, s in zip(ends, counts, segs)
+                                                  if s.greedy]))]
+        greedy = argmax(rows)  # [M']
+        prob = torch.gather(F.softmax(rows, dim=-1), -1, greedy[:, None])[:, 0]  # [M']
+        logprob = log_prob(prob)
+        out, m = [], 0
+        for c, s in zip(counts, segs):
+            out.append((greedy[m:m + c], prob[m:m + c], logprob[m:m + c]) if s.greedy else none)
+            m += c if s.greedy else 0
+        return out
+
+    def _verify(self, v: Verify) -> torch.Tensor:
+        lm = self.verifiers.get(v.model) or self.verifiers.setdefault(v.model, load_verifier(v.model))
+        return lm.predict(v.cache, v.feed)
 
     @torch.inference_mode()
     def warm_up(self, max_rows: int) -> int:
@@ -95,27 +107,17 @@ class ModelRunner:
         sizes = sorted({padded_rows(n) for n in range(1, max_rows + 1)})
         for n in sizes:
             zeros = torch.zeros((1, n), dtype=torch.long, device=self.model.device)
-            ragged = Ragged(slots=zeros[0] + self.pool.scratch, groups=[], logits_rows=zeros[0], logits_shape=(1, n),
-                            pad=n)
+            ragged = Ragged(slots=zeros[0] + self.pool.scratch, groups=[], logits_rows=zeros[0], logits_count=n, pad=n)
             self.model.forward(ForwardBatch(ids=zeros + self.model.spec.mask_id, positions=zeros, cache=self.view,
                                             ragged=ragged))
         return len(sizes)
 
-    def _pack(self, work) -> tuple[ForwardBatch, list[int]]:
-        # The layout is assembled in numpy (views of the same memory) and handed to torch once: per request these
-        # are a few short gathers, which cost several times more as torch ops.
-        plans = [_Plan(dec, handle, plan) for dec, handle, plan in work]
-        counts = [len(p.candidates) for p in plans]
-        if not self.pack:
-            return self._pack_padded(plans), counts
-        return self._pack_ragged(plans), counts
-
-    def _pack_padded(self, plans: list[_Plan]) -> ForwardBatch:
-        """[B, T] rows, padded to the longest plan (no padding at all when every plan has T rows)."""
-        B = len(plans)
-        T = max(len(p.positions) for p in plans)
-        K = max(len(p.keys) for p in plans)
-        R = max(1, max(len(p.candidates) for p in plans))
+    def _pack_padded(self, segs: list[_Segment]) -> tuple[ForwardBatch, torch.Tensor]:
+        """[B, T] rows, padded to the longest segment (no padding at all when every segment has T rows)."""
+        B = len(segs)
+        T = max(len(p.positions) for p in segs)
+        K = max(len(p.keys) for p in segs)
+        R = max(1, max(len(p.candidates) for p in segs))
         scratch = self.pool.scratch
         ids = np.full((B, T), self.model.spec.mask_id, dtype=np.int64)
         pos = np.zeros((B, T), dtype=np.int64)
@@ -123,48 +125,56 @@ class ModelRunner:
         key_slots = np.full((B, K), scratch, dtype=np.int64)
         visible = np.zeros((B, K), dtype=bool)
         rows = np.zeros((B, R), dtype=np.int64)
-        for b, p in enumerate(plans):
+        for b, p in enumerate(segs):
             t, k, r = len(p.positions), len(p.keys), len(p.candidates)
-            ids[b, :t] = p.x[p.positions]
+            ids[b, :t] = p.ids
             pos[b, :t] = p.positions
-            slots[b, :t] = p.slot_of[p.positions]
-            key_slots[b, :k] = p.slot_of[p.keys]
+            slots[b, :t] = p.slots
+            key_slots[b, :k] = p.key_slots
             visible[b, :k] = True
             rows[b, :r] = p.candidates
         # Only a ragged key set needs a mask; without one SDPA takes the same path a lone request takes.
         mask = None if visible.all() else self._mask(visible).expand(B, 1, T, K)
-        return ForwardBatch(ids=self._t(ids), positions=self._t(pos), cache=self.view, keys=self._t(key_slots),
-                            attn_mask=mask, logits_rows=self._t(rows), slots=self._t(slots))
+        fb = ForwardBatch(ids=self._t(ids), positions=self._t(pos), cache=self.view, keys=self._t(key_slots),
+                          attn_mask=mask, logits_rows=self._t(rows), slots=self._t(slots),
+                          rope_full_precision=_rope_rule(segs))  # (bench.layout: never "mixed")
+        return fb, self._t(np.concatenate([b * R + np.arange(len(p.candidates)) for b, p in enumerate(segs)]))
 
-    def _pack_ragged(self, plans: list[_Plan]) -> ForwardBatch:
-        """The real rows back to back ([1, N]); requests sorted by row count and split into attention groups."""
-        lens = [len(p.positions) for p in plans]
-        order = sorted(range(len(plans)), key=lens.__getitem__)
-        start, n = [0] * len(plans), 0  # each request's first packed row
+    def _pack_ragged(self, segs: list[_Segment]) -> ForwardBatch:
+        """The real rows back to back ([1, N]); segments sorted by row count and split into attention groups."""
+        lens = [len(p.positions) for p in segs]
+        order = sorted(range(len(segs)), key=lens.__getitem__)
+        start, n = [0] * len(segs), 0  # each segment's first packed row
         for b in order:
             start[b], n = n, n + lens[b]
         pad = padded_rows(n) - n
-        ids = np.concatenate([plans[b].x[plans[b].positions] for b in order] + [np.full(pad, self.model.spec.mask_id)])
-        pos = np.concatenate([plans[b].positions for b in order] + [np.zeros(pad, dtype=np.int64)])
-        slots = np.concatenate([plans[b].slot_of[plans[b].positions] for b in order]
-                               + [np.full(pad, self.pool.scratch, dtype=np.int64)])
+        ids = np.concatenate([segs[b].ids for b in order] + [np.full(pad, self.model.spec.mask_id)])
+        pos = np.concatenate([segs[b].positions for b in order] + [np.zeros(pad, dtype=np.int64)])
+        slots = np.concatenate([segs[b].slots for b in order] + [np.full(pad, self.pool.scratch, dtype=np.int64)])
         spans = attention_groups([lens[b] for b in order], self.group_cost)
-        groups = [self._group([plans[b] for b in order[i:j]], start[order[i]]) for i, j in spans]
-        B, R = len(plans), max(1, max(len(p.candidates) for p in plans))
-        rows = np.zeros(padded_rows(B * R), dtype=np.int64)  # lm_head's row count is padded too
-        for b, p in enumerate(plans):
-            rows[b * R: b * R + len(p.candidates)] = p.candidates + start[b]
-        ragged = Ragged(slots=self._t(slots), groups=groups, logits_rows=self._t(rows), logits_shape=(B, R),
-                        pad=pad)
-        return ForwardBatch(ids=self._t(ids[None]), positions=self._t(pos[None]), cache=self.view, ragged=ragged)
+        groups = [self._group([segs[b] for b in order[i:j]], start[order[i]]) for i, j in spans]
+        # Logits rows back to back in segment order; lm_head's row count is padded too.
+        wanted = np.concatenate([p.candidates + start[b] for b, p in enumerate(segs)])
+        rows = np.zeros(padded_rows(max(1, len(wanted))), dtype=np.int64)
+        rows[:len(wanted)] = wanted
+        rule = _rope_rule(segs)
+        working = None
+        if rule == "mixed":  # some segments rotate in the working dtype (a reference's pruned path), others not
+            flags = np.concatenate([np.full(lens[b], segs[b].rope_full_precision is False) for b in order]
+                                   + [np.zeros(pad, dtype=bool)])
+            working, rule = self._t(flags), None
+        ragged = Ragged(slots=self._t(slots), groups=groups, logits_rows=self._t(rows), logits_count=len(wanted),
+                        pad=pad, rope_working=working)
+        return ForwardBatch(ids=self._t(ids[None]), positions=self._t(pos[None]), cache=self.view, ragged=ragged,
+                            rope_full_precision=rule)
 
-    def _group(self, members: list[_Plan], n0: int) -> AttnGroup:
+    def _group(self, members: list[_Segment], n0: int) -> AttnGroup:
         t = np.array([len(p.positions) for p in members])  # [b]
         k = np.array([len(p.keys) for p in members])
         T, K = int(t.max()), int(k.max())
         key_slots = np.full((len(members), K), self.pool.scratch, dtype=np.int64)
         for j, p in enumerate(members):
-            key_slots[j, :len(p.keys)] = p.slot_of[p.keys]
+            key_slots[j, :len(p.keys)] = p.key_slots
         visible = np.arange(K)[None] < k[:, None]  # [b, K]
         mask = None if visible.all() else self._mask(visible).expand(-1, 1, T, K)
         real = np.arange(T)[None] < t[:, None]  # [b, T]
@@ -180,14 +190,20 @@ class ModelRunner:
         return torch.from_numpy(a).to(self.model.device)
 
 
-class _Plan:
-    """One request's step plan as numpy views: canvas, rows, keys, candidates and its pool slot map."""
+class _Segment:
+    """One segment of a step plan, its request-local slots and keys translated into pool slots."""
 
-    def __init__(self, dec, handle: KVHandle, plan):
-        self.x = dec.x.numpy()
-        self.positions, self.candidates = plan.positions.numpy(), plan.candidates.numpy()
-        self.keys = np.arange(len(self.x)) if plan.keys is None else plan.keys.numpy()
-        self.slot_of = handle.slot_map
+    def __init__(self, seg: Segment, slot_map: np.ndarray):
+        self.ids, self.positions, self.candidates = seg.ids, seg.positions, seg.logits_rows
+        self.slots, self.key_slots = slot_map[seg.slots], slot_map[seg.keys]
+        self.keys, self.canvas, self.rope_full_precision = seg.keys, seg.canvas, seg.rope_full_precision
+        self.greedy = seg.greedy
+
+
+def _rope_rule(segs: list[_Segment]):
+    """The one rope_full_precision every segment asks for, or "mixed"."""
+    rules = {s.rope_full_precision for s in segs}
+    return rules.pop() if len(rules) == 1 else "mixed"
 
 
 def padded_rows(n: int) -> int:

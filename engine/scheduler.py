@@ -71,17 +71,18 @@ class Scheduler:
         if req.kv is not None:
             self.pool.free(req.kv)
             req.kv = None
-        req.decoder = None
+        req.state = None
 
-    def batch(self, rows: list[int]) -> int:
-        """How many running requests (in admission order) this step computes: as many as fit `max_rows_per_step`
-        given each one's planned rows, and always at least one."""
-        total, n = 0, 0
-        for r in rows:
-            if n and total + r > self.limits.max_rows_per_step:
-                break
-            total, n = total + r, n + 1
-        return n
+    def batch(self, rows: list[int]) -> list[int]:
+        """Which running requests (indices, in running order) this step computes, given each one's planned rows:
+        first fit within `max_rows_per_step` (a large plan does not hold back the smaller ones after it), and always
+        the first. The engine moves the ones left out to the front, so a left-out request goes first next step."""
+        total, chosen = 0, []
+        for i, r in enumerate(rows):
+            if not chosen or total + r <= self.limits.max_rows_per_step:
+                total += r
+                chosen.append(i)
+        return chosen
 
     @property
     def idle(self) -> bool:

@@ -120,7 +120,9 @@ def warm_up(engine, llm, cfg, tokens: int = 4) -> None:
     from engine.request import Request
 
     method = METHODS[cfg.decoding.method or SERVING_METHOD[llm.spec.family]]
-    opts = cfg.decoding.options.with_(gen_length=tokens, steps=tokens, block_length=tokens)
+    base = cfg.decoding.options
+    # A configured block length must divide the short canvas; a method without blocks keeps None.
+    opts = base.with_(gen_length=tokens, steps=tokens, block_length=None if base.block_length is None else tokens)
     done = threading.Event()
     outs = []
 

@@ -49,15 +49,15 @@ class Routes:
         m = METHODS.get(name)
         if m is None:
             raise APIError(400, f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}", "method")
-        if m.family != self.llm.spec.family:
+        if not m.decodes(self.llm.spec.family):
             raise APIError(400, f"method {name!r} decodes {m.family} models, this one is {self.llm.spec.family}",
                            "method")
         return m
 
     @staticmethod
     def check_logprobs(wanted: bool, method) -> None:
-        # Only engine-stepped methods record the committed tokens' log-probabilities.
-        if wanted and method.stepper is None:
+        # Only some methods record the committed tokens' log-probabilities (DecodeState.records_logprobs).
+        if wanted and not method.state.records_logprobs:
             raise APIError(400, f"logprobs are not available with method {method.name!r}; use 'window'", "logprobs")
 
     def options(self, req, max_tokens: int | None, longest_prompt: int, method) -> DecodeOptions:

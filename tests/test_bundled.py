@@ -77,12 +77,12 @@ def test_tiny_text_ar_verifies_tiny_text_drafts(text_llm):
     with it gives exactly its greedy continuation, at least one token per diffusion forward."""
     import torch
 
-    from engine.decoding.guided import load_verifier
+    from engine.model.causal import load_verifier
 
     ar = MODELS_DIR / "tiny-text-ar"
     assert (ar / "tokenizer.json").read_bytes() == (MODELS_DIR / "tiny-text" / "tokenizer.json").read_bytes()
     assert "diffuserve train text-ar" in (ar / "README.md").read_text()
-    lm = load_verifier("tiny-text-ar")
+    lm = load_verifier("tiny-text-ar").lm
     ids = text_llm.encode("KING HENRY.\nWhat news from")
     out = text_llm.generate(ids, "guided", DecodeOptions(gen_length=48, verifier="tiny-text-ar"), seed=0)
     seq = list(ids)

@@ -47,3 +47,17 @@ def test_case(name, family, case):
         pytest.skip(f"method {case['method']} not implemented")
     result = run_case(case, family, _model(name, case["dtype"]))
     assert result.status == "passed", result.detail
+
+
+@pytest.mark.parametrize("name", ["llada-tiny", "dream-tiny"])
+def test_every_case_at_once_through_one_engine(name):
+    """`diffuserve conformance --engine`: all of a file's cases submitted together, mixed methods, prompt lengths and
+    seeds sharing the engine's steps, each still token for token the reference's."""
+    from engine.conformance import EngineRun, run_file_engine
+
+    run = EngineRun()
+    results = run_file_engine(PARITY / name / "cases.json", run=run)
+    failed = [f"{r.case_id}: {r.detail}" for r in results if r.status != "passed"]
+    assert not failed, failed
+    assert len(results) == len(json.loads((PARITY / name / "cases.json").read_text())["cases"])
+    assert run.shared_steps > 0 and run.most_per_step >= 8  # the cases really shared steps

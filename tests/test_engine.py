@@ -11,7 +11,7 @@ import torch
 from conftest import small_spec
 from engine.decoding import DecodeOptions, get_method
 from engine.engine import Engine
-from engine.fake_runner import FakeModel, FakeRunner
+from fake_runner import FakeModel, FakeRunner
 from engine.model.kv_pool import KVPool
 from engine.request import Request, RequestPhase
 from engine.scheduler import Limits, QueueFull, Scheduler
@@ -156,7 +156,7 @@ def test_refresh_and_pruned_steps_share_a_forward():
     orig = engine.runner.step
 
     def spy(work):
-        phases.append(sorted(dec.phase.value for dec, _, _ in work))
+        phases.append(sorted("refresh" if plan.refresh else "pruned" for _, plan in work))
         return orig(work)
 
     engine.runner.step = spy

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import PARITY
-from engine.decoding import DecodeOptions, get_method
+from engine import offline
+from engine.decoding import DecodeOptions
 from engine.decoding.freecache import fill_after_eos
 from engine.model import load_model
 
@@ -24,14 +25,16 @@ def _prompt() -> torch.Tensor:
 
 
 def _recording(model, monkeypatch, boost: dict[int, int] | None = None) -> list[tuple[int, int]]:
-    """Record (first position, rows) of every forward; `boost` {position: token} forces that token there."""
+    """Record (first position, rows) of every forward; `boost` {position: token} forces that token there.
+    The engine's runner packs rows ([1, N], `Ragged`): N is padded and the logits are [M, V] for the rows named."""
     seen, forward = [], model.forward
 
     def spy(fb):
-        seen.append((int(fb.positions[0, 0]), fb.positions.shape[1]))
+        seen.append((int(fb.positions[0, 0]), fb.positions.shape[1] - fb.ragged.pad))
         logits = forward(fb)
+        rows = fb.positions[0, fb.ragged.logits_rows[: fb.ragged.logits_count]]  # [M] position of each logits row
         for pos, tok in (boost or {}).items():
-            logits[..., tok] += 1e4 * (fb.positions == pos)
+            logits[..., tok] += 1e4 * (rows == pos)
         return logits
 
     monkeypatch.setattr(model, "forward", spy)
@@ -41,8 +44,8 @@ def _recording(model, monkeypatch, boost: dict[int, int] | None = None) -> list[
 def test_one_block_equals_fast_dllm_prefix(model):
     """With a single block there is nothing to promote: FreeCache is Fast-dLLM's prefix cache exactly."""
     opts = DecodeOptions(gen_length=32, steps=32)
-    want = get_method("fast_dllm_prefix").generate(model, _prompt(), opts, None)
-    got = get_method("freecache").generate(model, _prompt(), opts, None)
+    want = offline.generate(model, "fast_dllm_prefix", _prompt(), opts, None)
+    got = offline.generate(model, "freecache", _prompt(), opts, None)
     assert torch.equal(got.ids, want.ids) and got.forward_calls == want.forward_calls == 32
 
 
@@ -50,7 +53,7 @@ def test_only_the_first_forward_is_full_and_the_prefix_is_never_recomputed(model
     prompt = _prompt()
     lp, opts = prompt.shape[1], DecodeOptions(gen_length=64, steps=32, block_length=16)
     seen = _recording(model, monkeypatch)
-    out = get_method("freecache").generate(model, prompt, opts, None)
+    out = offline.generate(model, "freecache", prompt, opts, None)
     assert seen[0] == (0, lp + 64)  # the one full forward
     assert out.forward_calls == len(seen) == 32  # the schedule's 8 steps per block, no refresh passes
     for k, (first, rows) in enumerate(seen[1:], start=1):
@@ -60,13 +63,13 @@ def test_only_the_first_forward_is_full_and_the_prefix_is_never_recomputed(model
     # Fast-dLLM prefix cache takes as many passes, but each block starts with a full one.
     ours = sum(rows for _, rows in seen)
     seen.clear()
-    get_method("fast_dllm_prefix").generate(model, prompt, opts, None)
+    offline.generate(model, "fast_dllm_prefix", prompt, opts, None)
     assert sum(rows for _, rows in seen) == ours + 3 * (lp + 64) - sum(lp + 64 - lp - 16 * b for b in range(1, 4))
 
 
 def test_threshold_commits_in_parallel(model):
     opts = DecodeOptions(gen_length=64, steps=64, block_length=16, threshold=0.05)
-    out = get_method("freecache").generate(model, _prompt(), opts, None)
+    out = offline.generate(model, "freecache", _prompt(), opts, None)
     assert out.forward_calls < 64 and not (out.ids == model.spec.mask_id).any()
 
 
@@ -74,9 +77,9 @@ def test_early_stop_fills_after_the_first_eos_and_stops(model, monkeypatch):
     prompt, eos = _prompt(), model.spec.eos_id
     lp = prompt.shape[1]
     opts = DecodeOptions(gen_length=64, steps=64, block_length=16)
-    full = get_method("freecache").generate(model, prompt, opts, None)
+    full = offline.generate(model, "freecache", prompt, opts, None)
     _recording(model, monkeypatch, boost={lp + 5: eos})
-    out = get_method("freecache").generate(model, prompt, opts.with_(early_stop=True), None)
+    out = offline.generate(model, "freecache", prompt, opts.with_(early_stop=True), None)
     assert out.ids[0, 5] == eos and (out.ids[0, 5:] == eos).all()
     assert not (out.ids == model.spec.mask_id).any()
     assert out.forward_calls <= 16 < full.forward_calls  # the first block only

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import small_spec
-from engine.decoding import DecodeOptions, get_method
+from engine import offline
+from engine.decoding import DecodeOptions
 from engine.model.saver import random_model
 
 GEN = 48
@@ -33,9 +34,9 @@ def dlm():
 
 def greedy(verifier_dir: str, prompt: list[int], n: int, eos: int) -> list[int]:
     """The verifier's own greedy continuation, one full forward per token (no cache), EOS-filled after EOS."""
-    from engine.decoding.guided import load_verifier
+    from engine.model.causal import load_verifier
 
-    lm, seq, out = load_verifier(verifier_dir), list(prompt), []
+    lm, seq, out = load_verifier(verifier_dir).lm, list(prompt), []
     with torch.no_grad():
         while len(out) < n:
             tok = int(lm(torch.tensor([seq])).logits[0, -1].argmax())
@@ -49,7 +50,7 @@ def greedy(verifier_dir: str, prompt: list[int], n: int, eos: int) -> list[int]:
 @pytest.mark.parametrize("prompt", [[5, 17, 42], [200, 3, 3, 9, 120, 61, 7]])
 def test_output_is_the_verifiers_greedy_path(dlm, verifier_dir, prompt):
     opts = DecodeOptions(gen_length=GEN, verifier=verifier_dir, window_size=16)
-    out = get_method("guided").generate(dlm, torch.tensor([prompt]), opts, None)
+    out = offline.generate(dlm, "guided", torch.tensor([prompt]), opts, None)
     assert out.ids[0].tolist() == greedy(verifier_dir, prompt, GEN, dlm.spec.eos_id)
     assert 1 <= out.forward_calls <= GEN
 
@@ -65,20 +66,21 @@ def test_right_drafts_are_accepted_in_chunks(dlm, verifier_dir, monkeypatch):
     forward = dlm.forward
 
     def oracle(fb):
-        logits = forward(fb)
-        return logits.scatter_add(-1, target[fb.positions][..., None], torch.full_like(logits[..., :1], 1e4))
+        logits = forward(fb)  # the runner's packed layout: [M, V], row m at position positions[0, logits_rows[m]]
+        pos = fb.positions[0, fb.ragged.logits_rows]
+        return logits.scatter_add(-1, target[pos][..., None], torch.full_like(logits[..., :1], 1e4))
 
     monkeypatch.setattr(dlm, "forward", oracle)
     opts = DecodeOptions(gen_length=GEN, verifier=verifier_dir, window_size=GEN)
-    out = get_method("guided").generate(dlm, torch.tensor([prompt]), opts, None)
+    out = offline.generate(dlm, "guided", torch.tensor([prompt]), opts, None)
     assert out.ids[0].tolist() == want
     assert out.forward_calls == 1 and out.info["verifier_calls"] == -(-GEN // 32)
 
 
 def test_a_verifier_is_required_and_must_share_the_vocabulary(dlm, verifier_dir):
     with pytest.raises(ValueError, match="needs a verifier"):
-        get_method("guided").generate(dlm, torch.tensor([[1, 2]]), DecodeOptions(gen_length=8), None)
+        offline.generate(dlm, "guided", torch.tensor([[1, 2]]), DecodeOptions(gen_length=8), None)
     other = random_model(small_spec("llada", vocab_size=320, mask_id=319), seed=1)
     with pytest.raises(ValueError, match="vocabulary"):
-        get_method("guided").generate(other, torch.tensor([[1, 2]]),
-                                      DecodeOptions(gen_length=8, verifier=verifier_dir), None)
+        offline.generate(other, "guided", torch.tensor([[1, 2]]),
+                         DecodeOptions(gen_length=8, verifier=verifier_dir), None)

@@ -108,35 +108,37 @@ def test_parity_checkpoint_partial_forward_float64():
 def test_runner_ragged_batch_equals_each_request_alone(family, group_cost):
     """The engine's packed layout (rows back to back, K/V written straight to the pool, attention in groups of
     similar row counts) gives every request the logits of its own partial forward."""
+    import numpy as np
+
     import engine.runner as runner_mod
-    from engine.decoding.window import StepPlan
+    from engine.decoding.step import StepPlan, segment
     from engine.model.kv_pool import KVPool
 
     model = random_model(small_spec(family), seed=6, dtype=torch.float64)
     pool = KVPool.for_requests(model, [30, 30, 30], page_size=8)
     runner = runner_mod.ModelRunner(model, pool, group_cost=group_cost)
-
-    class Canvas:  # what the runner reads of a decoder
-        def __init__(self, seed):
-            self.x = _ids(30, seed=seed)[0]
-
-    reqs = [(Canvas(s), pool.allocate(30)) for s in (7, 8, 9)]
-    everything = StepPlan(positions=torch.arange(30), keys=None, candidates=torch.arange(0))
-    runner.step([(dec, kv, everything) for dec, kv in reqs])  # every slot written: one padded forward, T = 30
-    plans = [StepPlan(torch.tensor([4, 9]), torch.arange(20), torch.tensor([1])),
-             StepPlan(torch.tensor([1, 2, 25]), torch.tensor(list(range(10)) + [25, 29]), torch.tensor([0, 2])),
-             StepPlan(torch.arange(5, 25), torch.arange(30), torch.tensor([0, 7, 19]))]
-    fb, _ = runner._pack([(dec, kv, plan) for (dec, kv), plan in zip(reqs, plans)])
+    xs = [_ids(30, seed=s)[0] for s in (7, 8, 9)]
+    handles = [pool.allocate(30) for _ in xs]
+    every = np.arange(30)
+    # every slot written: one forward of the whole canvas each, no logits read
+    runner.step([(h, StepPlan([segment(x, every, every, canvas=30, logits_rows=every[:0])])) for x, h in zip(xs, handles)])
+    shapes = [(np.array([4, 9]), np.arange(20), np.array([1])),
+              (np.array([1, 2, 25]), np.array(list(range(10)) + [25, 29]), np.array([0, 2])),
+              (np.arange(5, 25), np.arange(30), np.array([0, 7, 19]))]
+    plans = [StepPlan([segment(x.numpy()[pos], pos, keys, canvas=30, logits_rows=rows, greedy=True)])
+             for x, (pos, keys, rows) in zip(xs, shapes)]
+    fb = runner._pack_ragged([runner_mod._Segment(p.segments[0], h.slot_map) for p, h in zip(plans, handles)])
     assert len(fb.ragged.groups) == {0: 3, 4: 2, 10**6: 1}[group_cost]
-    out, stats = runner.step([(dec, kv, plan) for (dec, kv), plan in zip(reqs, plans)])
+    out, stats = runner.step(list(zip(handles, plans)))
     assert stats.rows == 2 + 3 + 20
-    for (dec, _), plan, got in zip(reqs, plans, out):
+    for x, (pos, keys, rows), got in zip(xs, shapes, out):
         cache = model.new_cache(1, 30)
-        model.forward(ForwardBatch(ids=dec.x[None], positions=torch.arange(30)[None], cache=cache, key_len=30))
-        want = model.forward(ForwardBatch(ids=dec.x[plan.positions][None], positions=plan.positions[None],
-                                          cache=cache, keys=plan.keys[None]))[0, plan.candidates]
-        torch.testing.assert_close(got.logits, want, **TOL)
-        assert torch.equal(got.greedy, want.argmax(-1))
+        model.forward(ForwardBatch(ids=x[None], positions=torch.arange(30)[None], cache=cache, key_len=30))
+        pos, keys = torch.from_numpy(pos), torch.from_numpy(keys)
+        want = model.forward(ForwardBatch(ids=x[pos][None], positions=pos[None], cache=cache,
+                                          keys=keys[None]))[0, torch.from_numpy(rows)]
+        torch.testing.assert_close(got.rows[0].logits, want, **TOL)
+        assert torch.equal(got.rows[0].greedy, want.argmax(-1))
 
 
 def test_padded_row_counts_are_few_and_close():

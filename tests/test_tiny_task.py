@@ -100,12 +100,12 @@ def test_tiny_task_ar_verifies_tiny_task_drafts(llm):
     """The shipped verifier shares tiny-task's token ids, loads as a transformers causal LM, and guided decoding
     with it is exactly its greedy continuation, which answers the count prompt right, in fewer diffusion forwards
     than tokens (the drafts are mostly accepted)."""
-    from engine.decoding.guided import load_verifier
+    from engine.model.causal import load_verifier
 
     ar = MODELS_DIR / "tiny-task-ar"
     assert (ar / "tokenizer.json").read_bytes() == (MODELS_DIR / "tiny-task" / "tokenizer.json").read_bytes()
     assert "diffuserve train task-ar" in (ar / "README.md").read_text()
-    lm = load_verifier("tiny-task-ar")
+    lm = load_verifier("tiny-task-ar").lm
     words = ["count", "down", "from", *tk.num(30)]
     ids = llm.encode(" ".join(words), chat=True)
     out = llm.generate(ids, "guided", DecodeOptions(gen_length=256, verifier="tiny-task-ar"), seed=0)

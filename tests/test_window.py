@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import PARITY
+from engine import offline
 from engine.decoding import DecodeOptions, get_method
-from engine.decoding.window import Phase, WindowDecoder
+from engine.decoding.window import WindowDecoder, WindowPhase
 from engine.model import ForwardBatch, load_model
 
 
@@ -32,8 +33,8 @@ def test_covering_windows_and_r1_equal_vanilla(model, refresh, gen_length, steps
                       eos_early_exit=False)
     for p in _prompts(3):
         prompt = torch.tensor([p])
-        want = get_method("llada").generate(model, prompt, base, torch.Generator().manual_seed(0))
-        got = get_method("window").generate(model, prompt, wide, torch.Generator().manual_seed(0))
+        want = offline.generate(model, "llada", prompt, base, torch.Generator().manual_seed(0))
+        got = offline.generate(model, "window", prompt, wide, torch.Generator().manual_seed(0))
         assert torch.equal(got.ids, want.ids)
         assert got.forward_calls == want.forward_calls == steps and got.refresh_calls == steps
 
@@ -41,20 +42,20 @@ def test_covering_windows_and_r1_equal_vanilla(model, refresh, gen_length, steps
 def test_commits_stay_in_the_first_active_masks_and_far_field_is_never_computed(model):
     opts = DecodeOptions(gen_length=64, steps=64, window_tokens=12, active_tokens=3, refresh_cycle=4,
                          eos_early_exit=False)
-    dec = WindowDecoder(model, torch.tensor(_prompts(1)[0]), opts, None)
+    dec = WindowDecoder(model.spec, torch.tensor(_prompts(1)[:1]), opts, None)
+    solo = offline.Solo(model, dec)
     refreshes = 0
-    while dec.phase is not Phase.DONE:
+    while dec.phase is not WindowPhase.DONE:
         first_a = set(dec.masks()[: dec.A].tolist())
         far = set(dec.masks()[dec.W:].tolist())
-        plan = dec.plan()
-        assert not far & set(plan.positions.tolist()), "a far-field mask was computed"
-        if plan.keys is not None:
-            assert not far & set(plan.keys.tolist()), "a far-field mask was attended to"
-            assert set(plan.positions.tolist()) <= set(plan.keys.tolist())
-        refreshes += dec.phase is Phase.REFRESH
-        before = dec.x.clone()
-        dec.commit(plan, model.forward(dec.forward_batch(plan))[0])
-        changed = set((dec.x != before).nonzero()[:, 0].tolist())
+        seg = dec.plan().segments[0]
+        assert not far & set(seg.positions.tolist()), "a far-field mask was computed"
+        assert not far & set(seg.keys.tolist()), "a far-field mask was attended to"
+        assert set(seg.positions.tolist()) <= set(seg.keys.tolist())
+        refreshes += dec.phase is WindowPhase.REFRESH
+        before = dec.x[0].clone()
+        solo.step()
+        changed = set((dec.x[0] != before).nonzero()[:, 0].tolist())
         assert changed and changed <= first_a, "committed outside the first A masks"
     assert refreshes == dec.refresh_calls >= 64 // 4
 
@@ -62,26 +63,29 @@ def test_commits_stay_in_the_first_active_masks_and_far_field_is_never_computed(
 def test_window_refresh_leaves_fresh_kv_for_the_whole_window(model):
     """After a window refresh, every slot of the window holds exactly the K/V of a fresh forward of the window."""
     opts = DecodeOptions(gen_length=48, steps=48, window_tokens=10, active_tokens=2, refresh_cycle=5)
-    dec = WindowDecoder(model, torch.tensor(_prompts(2)[1]), opts, None)
+    dec = WindowDecoder(model.spec, torch.tensor(_prompts(2)[1:2]), opts, None)
+    solo = offline.Solo(model, dec)
     for _ in range(7):  # a refresh, four pruned steps, the next refresh, one pruned step
-        plan = dec.plan()
-        is_refresh = dec.phase is Phase.REFRESH
-        x_before = dec.x.clone()
-        dec.commit(plan, model.forward(dec.forward_batch(plan))[0])
+        is_refresh = dec.phase is WindowPhase.REFRESH
+        x_before = dec.x[0].clone()
+        plan, _ = solo.step()
         if is_refresh and dec.step > 1:
-            win = plan.positions
-            fresh = model.new_cache(1, dec.x.shape[0])
+            win = torch.from_numpy(plan.segments[0].positions)
+            fresh = model.new_cache(1, dec.x.shape[1])
             model.forward(ForwardBatch(ids=x_before[win][None], positions=win[None], cache=fresh, keys=win[None]))
             for layer in range(model.spec.num_layers):
-                torch.testing.assert_close(dec.cache.k[layer][0][:, win], fresh.k[layer][0][:, win], rtol=0, atol=0)
-                torch.testing.assert_close(dec.cache.v[layer][0][:, win], fresh.v[layer][0][:, win], rtol=0, atol=0)
+                k, v = solo.kv(layer, win.numpy())
+                # fresh [1, kv_heads, N, hd] -> [T, kv_heads * hd], the pool's row layout
+                want_k, want_v = (c[layer][0][:, win].transpose(0, 1).reshape(len(win), -1) for c in (fresh.k, fresh.v))
+                torch.testing.assert_close(k, want_k, rtol=0, atol=0)
+                torch.testing.assert_close(v, want_v, rtol=0, atol=0)
 
 
 def test_eos_early_exit_fills_the_tail_and_stops(model):
     opts = DecodeOptions(gen_length=64, steps=64, window_tokens=64, active_tokens=64, refresh_cycle=4,
                          threshold=0.5)
     for p in _prompts(4):
-        out = get_method("window").generate(model, torch.tensor([p]), opts, torch.Generator().manual_seed(0))
+        out = offline.generate(model, "window", torch.tensor([p]), opts, torch.Generator().manual_seed(0))
         ids = out.ids[0].tolist()
         assert model.spec.mask_id not in ids
         if model.spec.eos_id in ids:
@@ -95,20 +99,20 @@ def test_with_a_threshold_a_stalled_frontier_commits_after_stall_steps(model):
     after STALL_STEPS steps that commit none of the first FRONTIER masks, the most confident of them commits."""
     from engine.decoding.window import FRONTIER, STALL_STEPS
 
-    dec = WindowDecoder(model, torch.tensor(_prompts(1)[0]), DecodeOptions(gen_length=32, threshold=0.9), None)
-    plan = dec.plan()
+    dec = WindowDecoder(model.spec, torch.tensor(_prompts(1)[:1]), DecodeOptions(gen_length=32, threshold=0.9), None)
+    plan = dec.plan().segments[0]
     first = dec.masks()[:FRONTIER]
-    conf = torch.full((len(plan.candidates),), 0.1, dtype=torch.float64)
+    conf = torch.full((len(plan.logits_rows),), 0.1, dtype=torch.float64)
     conf[-1] = 1.0  # only the rightmost candidate is sure
     best_front = 2
     conf[best_front] = 0.3
-    assert plan.positions[plan.candidates[:FRONTIER]].tolist() == first.tolist()
+    assert plan.positions[plan.logits_rows[:FRONTIER]].tolist() == first.tolist()
     chosen = dec._select(conf)
     assert chosen.nonzero()[:, 0].tolist() == [len(conf) - 1]
     for _ in range(STALL_STEPS - 1):
-        assert torch.equal(dec._keep_frontier_moving(plan, conf, chosen), chosen)
-    forced = dec._keep_frontier_moving(plan, conf, chosen)
+        assert torch.equal(dec._keep_frontier_moving(conf, chosen), chosen)
+    forced = dec._keep_frontier_moving(conf, chosen)
     assert forced.nonzero()[:, 0].tolist() == [best_front, len(conf) - 1]
     conf[0] = 0.95  # a sure frontier token commits by itself and resets the count
-    assert torch.equal(dec._keep_frontier_moving(plan, conf, dec._select(conf)), dec._select(conf))
+    assert torch.equal(dec._keep_frontier_moving(conf, dec._select(conf)), dec._select(conf))
     assert dec.stalled == 0

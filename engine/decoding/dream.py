@@ -1,20 +1,22 @@
 """Method `dream`: Dream's published diffusion_generate sampler, token for token.
 
-Every step runs a full forward, shifts the logits right by one (Dream predicts position p from row p-1), and
-commits int(masks * (1 - s/t)) positions on the float32 linspace(1, eps, steps+1) schedule (all that is left on
-the last step), ranked by the `alg` confidence: maskgit_plus (probability), topk_margin (top1 - top2), entropy
+Every step runs a full forward whose logits come back for rows p-1 of the masked positions p (Dream predicts
+position p from row p-1: the reference's shift_logits, with the vocabulary projection on the rows it reads only),
+and commits int(masks * (1 - s/t)) positions on the float32 linspace(1, eps, steps+1) schedule (all that is left
+on the last step), ranked by the `alg` confidence: maskgit_plus (probability), topk_margin (top1 - top2), entropy
 (negative entropy), or `origin` (each mask independently with probability 1 - s/t, in random order).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import DREAM, DiffusionLM, ForwardBatch
-from .llada import new_canvas
-from .registry import DecodeOptions, DecodeResult, check, register
-from .sampling import dream_commit_count, sample_tokens, shift_logits
+from ..model import DREAM
+from .registry import DecodeOptions, check, register
+from .sampling import dream_commit_count, sample_tokens
+from .step import LoopState, StepPlan, full_plan
 
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -52,32 +54,30 @@ def _origin_step(x, mask_index, mask_logits, opts, p_transfer, gen, mask_id: int
     x[mask_index] = x0
 
 
-def masked_logits(model: DiffusionLM, x: torch.Tensor, mask_index: torch.Tensor) -> torch.Tensor:
-    """shift_logits(full logits)[mask_index], [n_masked, V], projecting only the rows that are read: the shift
-    moves hidden states (cheap) instead of logits, and the vocabulary projection runs on masked rows only."""
-    pos = torch.arange(x.shape[1], device=x.device).expand_as(x)
-    h = shift_logits(model.hidden_states(ForwardBatch(ids=x, positions=pos)))  # [B, L, H], row p holds p-1's
-    return model.lm_head(h[mask_index])
+def masked_plan(x: torch.Tensor, mask_index: torch.Tensor) -> StepPlan:
+    """A full forward of x [B, N] whose logits come back for rows p - 1 of each row's masked positions p (row 0 for
+    p = 0): shift_logits(full logits)[mask_index], with the vocabulary projection run on those rows only."""
+    rows = [np.maximum(np.flatnonzero(m.numpy()) - 1, 0) for m in mask_index.cpu()]
+    return full_plan(x, logits_rows=rows)
 
 
 @register("dream", DREAM, "Dream reference sampler: full forward per step, linspace schedule, alg confidence")
-def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
-             gen: torch.Generator | None = None) -> DecodeResult:
-    check(opts.alg in DREAM_ALGS, f"alg must be one of {', '.join(DREAM_ALGS)} for method dream")
-    steps = opts.n_steps
-    check(steps > 0 and opts.gen_length > 0, "steps and gen_length must be positive")
-    mask_id = model.spec.mask_id
-    x = new_canvas(prompt, opts.gen_length, mask_id)
-    timesteps = torch.linspace(1, opts.eps, steps + 1, device=x.device)
-    for i in range(steps):
-        mask_index = x == mask_id
-        mask_logits = masked_logits(model, x, mask_index)
-        t, s = timesteps[i], timesteps[i + 1]
-        last = i == steps - 1
-        if opts.alg == "origin":
-            _origin_step(x, mask_index, mask_logits, opts, 1 if last else 1 - s / t, gen, mask_id)
-            continue
-        confidence, x0 = alg_confidence(mask_logits, opts, gen)
-        count = dream_commit_count(mask_index.sum(), mask_index.shape[0], s, t, last)
-        commit_ranked(x, mask_index, x0, confidence, count, opts.alg_temp, gen)
-    return DecodeResult(ids=x[:, prompt.shape[1]:], forward_calls=steps)
+class Dream(LoopState):
+    def run(self):
+        opts, x, gen, mask_id = self.opts, self.x, self.gen, self.spec.mask_id
+        check(opts.alg in DREAM_ALGS, f"alg must be one of {', '.join(DREAM_ALGS)} for method dream")
+        steps = opts.n_steps
+        check(steps > 0 and opts.gen_length > 0, "steps and gen_length must be positive")
+        timesteps = torch.linspace(1, opts.eps, steps + 1, device=x.device)
+        for i in range(steps):
+            mask_index = x == mask_id
+            result = yield masked_plan(x, mask_index)
+            mask_logits = torch.cat([r.logits for r in result.rows])  # [n_masked, V], in mask_index's order
+            t, s = timesteps[i], timesteps[i + 1]
+            last = i == steps - 1
+            if opts.alg == "origin":
+                _origin_step(x, mask_index, mask_logits, opts, 1 if last else 1 - s / t, gen, mask_id)
+                continue
+            confidence, x0 = alg_confidence(mask_logits, opts, gen)
+            count = dream_commit_count(mask_index.sum(), mask_index.shape[0], s, t, last)
+            commit_ranked(x, mask_index, x0, confidence, count, opts.alg_temp, gen)

@@ -7,6 +7,7 @@ block position whose float64 confidence reaches `threshold` (at least the best o
    everything right of it against the cached prefix.
  - fast_dllm_dual: as prefix, but later steps forward only the block, attending to the whole cache (the suffix's
    K/V stay as the block-start forward left them) and overwriting the block's own K/V.
+Each is a `LoopState` (decoding.step): the reference loop, with each model call a yielded plan.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import LLADA, DiffusionLM, span_forward
-from .llada import block_plan, new_canvas
-from .registry import DecodeOptions, DecodeResult, check, register
+from ..model import LLADA
+from .llada import block_plan
+from .registry import DecodeOptions, check, register
 from .sampling import (argmax, factor_select, gumbel_perturb, llada_schedule, random_confidence, threshold_select,
                        top_k_select)
+from .step import LoopState, full_plan, span_plan
 
 
 def transfer(logits, opts: DecodeOptions, mask_index, x, count, gen):
@@ -39,74 +41,73 @@ def transfer(logits, opts: DecodeOptions, mask_index, x, count, gen):
     return x0, top_k_select(confidence, count)
 
 
-def block_setup(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions):
-    """The block loops' shared start (Fast-dLLM's and FreeCache's): checked options, the canvas and the block plan."""
+def block_setup(opts: DecodeOptions) -> tuple[int, int, int]:
+    """The block loops' shared start (Fast-dLLM's and FreeCache's): checked options -> (block_length, num_blocks,
+    steps_per_block). The canvas itself is the state's `x`."""
     check(opts.remasking in ("low_confidence", "random"), f"unknown remasking {opts.remasking!r}")
     check(opts.cfg_scale == 0, "Fast-dLLM methods do not support cfg_scale")
-    block, num_blocks, steps = block_plan(opts)
-    return new_canvas(prompt, opts.gen_length, model.spec.mask_id), block, num_blocks, steps
+    return block_plan(opts)
 
 
 @register("fast_dllm", LLADA, "Fast-dLLM without cache: full forward per step, threshold/factor parallel commits")
-def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
-             gen: torch.Generator | None = None) -> DecodeResult:
-    x, block, num_blocks, steps = block_setup(model, prompt, opts)
-    mask_id, lp, calls = model.spec.mask_id, prompt.shape[1], 0
-    for b in range(num_blocks):
-        start, end = lp + b * block, lp + (b + 1) * block
-        counts = llada_schedule(x[:, start:end] == mask_id, steps)
-        i = 0
-        while True:
-            calls += 1
+class FastDllm(LoopState):
+    def run(self):
+        block, num_blocks, steps = block_setup(self.opts)
+        x, opts, gen, mask_id, lp = self.x, self.opts, self.gen, self.spec.mask_id, self.prompt_len
+        for b in range(num_blocks):
+            start, end = lp + b * block, lp + (b + 1) * block
+            counts = llada_schedule(x[:, start:end] == mask_id, steps)
+            i = 0
+            while True:
+                mask_index = x == mask_id
+                logits = (yield full_plan(x)).stack()  # [B, N, V]
+                mask_index[:, end:] = False
+                x0, chosen = transfer(logits, opts, mask_index, x, counts[:, min(i, steps - 1)], gen)
+                x[chosen] = x0[chosen]
+                i += 1
+                if not (x[:, start:end] == mask_id).any():
+                    break
+
+
+class _Cached(LoopState):
+    """Fast-dLLM's cached loops; `dual` picks the dual cache (block only) over the prefix cache (block + suffix)."""
+
+    dual = False
+
+    def run(self):
+        block, num_blocks, steps = block_setup(self.opts)
+        x, opts, gen, mask_id, lp = self.x, self.opts, self.gen, self.spec.mask_id, self.prompt_len
+        total = x.shape[1]
+        for b in range(num_blocks):
+            start, end = lp + b * block, lp + (b + 1) * block
+            counts = llada_schedule(x[:, start:end] == mask_id, steps)
+            # Block start: a full forward refreshes every cached K/V and makes the block's first commits.
+            logits = (yield full_plan(x)).stack()
             mask_index = x == mask_id
-            logits = model.logits(x)
             mask_index[:, end:] = False
-            x0, chosen = transfer(logits, opts, mask_index, x, counts[:, min(i, steps - 1)], gen)
+            x0, chosen = transfer(logits, opts, mask_index, x, counts[:, 0], gen)
             x[chosen] = x0[chosen]
-            i += 1
-            if not (x[:, start:end] == mask_id).any():
-                break
-    return DecodeResult(ids=x[:, lp:], forward_calls=calls)
-
-
-def _cached(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions, gen, dual: bool) -> DecodeResult:
-    x, block, num_blocks, steps = block_setup(model, prompt, opts)
-    mask_id, lp, total = model.spec.mask_id, prompt.shape[1], x.shape[1]
-    cache = model.new_cache(x.shape[0], total)
-    calls = 0
-    for b in range(num_blocks):
-        start, end = lp + b * block, lp + (b + 1) * block
-        counts = llada_schedule(x[:, start:end] == mask_id, steps)
-        # Block start: a full forward refreshes every cached K/V and makes the block's first commits.
-        logits = span_forward(model, x, 0, cache, total)
-        calls += 1
-        mask_index = x == mask_id
-        mask_index[:, end:] = False
-        x0, chosen = transfer(logits, opts, mask_index, x, counts[:, 0], gen)
-        x[chosen] = x0[chosen]
-        i = 1
-        while True:  # the reference always makes at least one cached step per block, even if the block is full
-            q_end = end if dual else total  # dual: the block only; prefix: the block and all of its right
-            view = x[:, start:q_end]
-            logits = span_forward(model, view, start, cache, total)
-            calls += 1
-            mask_index = view == mask_id
-            mask_index[:, block:] = False
-            if not dual:
-                gumbel_perturb(logits, opts.temperature, gen)  # the reference draws (and discards) noise here
-            x0, chosen = transfer(logits, opts, mask_index, view, counts[:, min(i, steps - 1)], gen)
-            view[chosen] = x0[chosen]
-            i += 1
-            if not (x[:, start:end] == mask_id).any():
-                break
-    return DecodeResult(ids=x[:, lp:], forward_calls=calls)
+            i = 1
+            while True:  # the reference always makes at least one cached step per block, even if the block is full
+                q_end = end if self.dual else total  # dual: the block only; prefix: the block and all of its right
+                view = x[:, start:q_end]  # a view: commits land in x
+                logits = (yield span_plan(view, start, total, total)).stack()
+                mask_index = view == mask_id
+                mask_index[:, block:] = False
+                if not self.dual:
+                    gumbel_perturb(logits, opts.temperature, gen)  # the reference draws (and discards) noise here
+                x0, chosen = transfer(logits, opts, mask_index, view, counts[:, min(i, steps - 1)], gen)
+                view[chosen] = x0[chosen]
+                i += 1
+                if not (x[:, start:end] == mask_id).any():
+                    break
 
 
 @register("fast_dllm_prefix", LLADA, "Fast-dLLM prefix cache: block-start refresh, then block+suffix vs cached prefix")
-def generate_prefix(model, prompt, opts, gen=None):
-    return _cached(model, prompt, opts, gen, dual=False)
+class FastDllmPrefix(_Cached):
+    dual = False
 
 
 @register("fast_dllm_dual", LLADA, "Fast-dLLM dual cache: block-start refresh, then the block alone vs all cached K/V")
-def generate_dual(model, prompt, opts, gen=None):
-    return _cached(model, prompt, opts, gen, dual=True)
+class FastDllmDual(_Cached):
+    dual = True

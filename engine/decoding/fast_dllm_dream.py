@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from ..model import DREAM, DiffusionLM, span_forward
+from ..model import DREAM
 from .dream import commit_ranked
-from .llada import block_plan, new_canvas
-from .registry import DecodeOptions, DecodeResult, check, register
+from .llada import block_plan
+from .registry import DecodeOptions, check, register
 from .sampling import dream_commit_count, sample_tokens, shift_logits, threshold_select
+from .step import LoopState, full_plan, span_plan
 
 
 def threshold_step(view, mask_index, logits, opts: DecodeOptions, block: int, gen) -> None:
@@ -40,53 +41,47 @@ def schedule_step(view, mask_index, logits, opts: DecodeOptions, block: int, i: 
     commit_ranked(view, mask_index, x0, confidence, count, opts.alg_temp, gen)
 
 
-def _generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions, gen, dual: bool) -> DecodeResult:
-    if opts.block_length is None:
-        opts = opts.with_(block_length=min(32, opts.gen_length))
-    block, num_blocks, steps = block_plan(opts)
-    threshold_mode = opts.alg == "confidence_threshold"
-    mask_id, lp = model.spec.mask_id, prompt.shape[1]
-    x = new_canvas(prompt, opts.gen_length, mask_id)
-    total = x.shape[1]
-    cache = model.new_cache(x.shape[0], total)
-    timesteps = torch.linspace(1, opts.eps, steps + 1, device=x.device)
-    calls = 0
-    for b in range(num_blocks):
-        start, end = lp + b * block, lp + (b + 1) * block
-        logits = shift_logits(span_forward(model, x, 0, cache, total))
-        calls += 1
-        _, x0 = sample_tokens(logits, opts.temperature, opts.top_p, opts.top_k, gen=gen)
-        x[:, start] = x0[:, start]
-        i = 1
-        while True:
-            view = x[:, start:end] if dual else x[:, start:]
-            mask_index = view == mask_id
-            logits = shift_logits(span_forward(model, view, start, cache, total))
-            calls += 1
-            if threshold_mode:
-                threshold_step(view, mask_index, logits, opts, block, gen)
-            else:
-                if i == steps:
+class _FastDllmDream(LoopState):
+    """The reference loop; `dual` (the subclass's) forwards the block alone, else the block and all to its right."""
+
+    dual = False
+
+    def run(self):
+        opts, x, gen, mask_id, lp = self.opts, self.x, self.gen, self.spec.mask_id, self.prompt_len
+        check(opts.alg in ("confidence_threshold", "entropy", "maskgit_plus", "topk_margin", "origin"),
+              f"unknown alg {opts.alg!r}")
+        if opts.block_length is None:
+            opts = opts.with_(block_length=min(32, opts.gen_length))
+        block, num_blocks, steps = block_plan(opts)
+        threshold_mode = opts.alg == "confidence_threshold"
+        total = x.shape[1]
+        timesteps = torch.linspace(1, opts.eps, steps + 1, device=x.device)
+        for b in range(num_blocks):
+            start, end = lp + b * block, lp + (b + 1) * block
+            logits = shift_logits((yield full_plan(x)).stack())  # refreshes every slot's K/V
+            _, x0 = sample_tokens(logits, opts.temperature, opts.top_p, opts.top_k, gen=gen)
+            x[:, start] = x0[:, start]
+            i = 1
+            while True:
+                view = x[:, start:end] if self.dual else x[:, start:]
+                mask_index = view == mask_id
+                logits = shift_logits((yield span_plan(view, start, total, total)).stack())
+                if threshold_mode:
+                    threshold_step(view, mask_index, logits, opts, block, gen)
+                else:
+                    if i == steps:
+                        break
+                    schedule_step(view, mask_index, logits, opts, block, i, steps, timesteps, gen)
+                    i += 1
+                if not (x[:, start:end] == mask_id).any():
                     break
-                schedule_step(view, mask_index, logits, opts, block, i, steps, timesteps, gen)
-                i += 1
-            if not (x[:, start:end] == mask_id).any():
-                break
-    return DecodeResult(ids=x[:, lp:], forward_calls=calls)
-
-
-def _validate(opts: DecodeOptions) -> None:
-    check(opts.alg in ("confidence_threshold", "entropy", "maskgit_plus", "topk_margin", "origin"),
-          f"unknown alg {opts.alg!r}")
 
 
 @register("fast_dllm_dream_prefix", DREAM, "Fast-dLLM Dream prefix cache: block+suffix vs cached prefix")
-def generate_prefix(model, prompt, opts, gen=None):
-    _validate(opts)
-    return _generate(model, prompt, opts, gen, dual=False)
+class FastDllmDreamPrefix(_FastDllmDream):
+    dual = False
 
 
 @register("fast_dllm_dream_dual", DREAM, "Fast-dLLM Dream dual cache: the block alone vs all cached K/V")
-def generate_dual(model, prompt, opts, gen=None):
-    _validate(opts)
-    return _generate(model, prompt, opts, gen, dual=True)
+class FastDllmDreamDual(_FastDllmDream):
+    dual = True

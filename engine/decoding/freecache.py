@@ -8,17 +8,18 @@ approximation is what saves Fast-dLLM prefix cache's full forward at every block
 
 Commits follow the LLaDA integer schedule (as the authors' code) or, as in Fast-dLLM, a confidence threshold or
 factor when given. early_stop: once a row commits an EOS, every position after its first EOS becomes EOS, and the
-row stops as soon as nothing left of that EOS is masked.
+row stops as soon as nothing left of that EOS is masked. A `LoopState` (decoding.step): each forward is a plan.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..model import LLADA, DiffusionLM, span_forward
+from ..model import LLADA
 from .fast_dllm import block_setup, transfer
-from .registry import DecodeOptions, DecodeResult, register
+from .registry import register
 from .sampling import llada_schedule
+from .step import LoopState, span_plan
 
 
 def fill_after_eos(x: torch.Tensor, lp: int, eos: int) -> None:
@@ -31,28 +32,27 @@ def fill_after_eos(x: torch.Tensor, lp: int, eos: int) -> None:
 
 
 @register("freecache", LLADA, "FreeCache: decoded K/V frozen and promoted at block end; block+suffix vs frozen prefix")
-def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
-             gen: torch.Generator | None = None) -> DecodeResult:
-    x, block, num_blocks, steps = block_setup(model, prompt, opts)
-    mask_id, eos, lp, total = model.spec.mask_id, model.spec.eos_id, prompt.shape[1], x.shape[1]
-    cache = model.new_cache(x.shape[0], total)
-    calls = 0
-    for b in range(num_blocks):
-        start, end = lp + b * block, lp + (b + 1) * block
-        counts = llada_schedule(x[:, start:end] == mask_id, steps)
-        i = 0
-        while (x[:, start:end] == mask_id).any():  # an early stop may have filled the block already
-            q_from = 0 if calls == 0 else start  # only the generation's first forward is full
-            view = x[:, q_from:]  # [B, total - q_from], a view: commits land in x
-            logits = span_forward(model, view, q_from, cache, total)
-            calls += 1
-            mask_index = view == mask_id
-            mask_index[:, end - q_from:] = False  # only the current block may be written
-            x0, chosen = transfer(logits, opts, mask_index, view, counts[:, min(i, steps - 1)], gen)
-            view[chosen] = x0[chosen]
-            i += 1
-            if opts.early_stop:
-                fill_after_eos(x, lp, eos)
-        if opts.early_stop and not (x[:, lp:] == mask_id).any():
-            break
-    return DecodeResult(ids=x[:, lp:], forward_calls=calls)
+class FreeCache(LoopState):
+    def run(self):
+        block, num_blocks, steps = block_setup(self.opts)
+        x, opts, gen, lp = self.x, self.opts, self.gen, self.prompt_len
+        mask_id, eos, total = self.spec.mask_id, self.spec.eos_id, x.shape[1]
+        calls = 0
+        for b in range(num_blocks):
+            start, end = lp + b * block, lp + (b + 1) * block
+            counts = llada_schedule(x[:, start:end] == mask_id, steps)
+            i = 0
+            while (x[:, start:end] == mask_id).any():  # an early stop may have filled the block already
+                q_from = 0 if calls == 0 else start  # only the generation's first forward is full
+                view = x[:, q_from:]  # [B, total - q_from], a view: commits land in x
+                logits = (yield span_plan(view, q_from, total, total)).stack()
+                calls += 1
+                mask_index = view == mask_id
+                mask_index[:, end - q_from:] = False  # only the current block may be written
+                x0, chosen = transfer(logits, opts, mask_index, view, counts[:, min(i, steps - 1)], gen)
+                view[chosen] = x0[chosen]
+                i += 1
+                if opts.early_stop:
+                    fill_after_eos(x, lp, eos)
+            if opts.early_stop and not (x[:, lp:] == mask_id).any():
+                break

@@ -12,17 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import LLADA, DiffusionLM
-from .registry import DecodeOptions, DecodeResult, check, register
+from ..model import LLADA
+from .registry import DecodeOptions, check, register
 from .sampling import argmax, gumbel_perturb, llada_schedule, random_confidence, top_k_select
-
-
-def new_canvas(prompt: torch.Tensor, gen_length: int, mask_id: int) -> torch.Tensor:
-    """[B, Lp] prompt -> [B, Lp + gen_length] canvas with every generated position MASK."""
-    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long,
-                   device=prompt.device)
-    x[:, : prompt.shape[1]] = prompt
-    return x
+from .step import LoopState, StepPlan, StepResult, full_plan, new_canvas  # noqa: F401  (new_canvas: re-exported)
 
 
 def block_plan(opts: DecodeOptions) -> tuple[int, int, int]:
@@ -35,41 +28,49 @@ def block_plan(opts: DecodeOptions) -> tuple[int, int, int]:
     return block, num_blocks, steps // num_blocks
 
 
-def guided_logits(model: DiffusionLM, x: torch.Tensor, prompt_index: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: one forward on [x; x with the prompt masked], un + (s+1)(cond - un)."""
+def cfg_plan(x: torch.Tensor, prompt_index: torch.Tensor, mask_id: int, refresh: bool = False) -> StepPlan:
+    """Classifier-free guidance's forward: every row of x [B, N] and, in slots of its own (rows B..2B-1), the same
+    row with its prompt masked: the reference's one forward over [x; un_x]."""
     un_x = x.clone()
-    un_x[prompt_index] = model.spec.mask_id
-    cond, un = torch.chunk(model.logits(torch.cat([x, un_x], dim=0)), 2, dim=0)
+    un_x[prompt_index] = mask_id
+    return full_plan(torch.cat([x, un_x]), refresh)
+
+
+def cfg_logits(result: StepResult, scale: float) -> torch.Tensor:
+    """[2B, N, V] -> un + (s+1)(cond - un), [B, N, V]."""
+    cond, un = torch.chunk(result.stack(), 2, dim=0)
     return un + (scale + 1) * (cond - un)
 
 
+def cfg_slots(rows: int, canvas: int, opts: DecodeOptions) -> int:
+    return rows * canvas * (2 if opts.cfg_scale > 0 else 1)
+
+
 @register("llada", LLADA, "LLaDA reference sampler: blocks x steps, top-k commits by confidence")
-def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
-             gen: torch.Generator | None = None) -> DecodeResult:
-    spec = model.spec
-    check(opts.remasking in ("low_confidence", "random"), f"unknown remasking {opts.remasking!r}")
-    block, num_blocks, steps = block_plan(opts)
-    lp = prompt.shape[1]
-    x = new_canvas(prompt, opts.gen_length, spec.mask_id)
-    prompt_index = x != spec.mask_id
-    calls = 0
-    for b in range(num_blocks):
-        block_end = lp + (b + 1) * block
-        counts = llada_schedule(x[:, block_end - block: block_end] == spec.mask_id, steps)
-        for i in range(steps):
-            mask_index = x == spec.mask_id
-            if opts.cfg_scale > 0:
-                logits = guided_logits(model, x, prompt_index, opts.cfg_scale)
-            else:
-                logits = model.logits(x)
-            calls += 1
-            x0, conf = _propose(logits, opts, spec, gen)
-            conf[:, block_end:] = -np.inf
-            x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, conf, -np.inf)
-            chosen = top_k_select(confidence, counts[:, i])
-            x[chosen] = x0[chosen]
-    return DecodeResult(ids=x[:, lp:], forward_calls=calls)
+class Llada(LoopState):
+    slots_needed = staticmethod(cfg_slots)
+
+    def run(self):
+        spec, opts, x, gen = self.spec, self.opts, self.x, self.gen
+        check(opts.remasking in ("low_confidence", "random"), f"unknown remasking {opts.remasking!r}")
+        block, num_blocks, steps = block_plan(opts)
+        lp = self.prompt_len
+        prompt_index = x != spec.mask_id
+        for b in range(num_blocks):
+            block_end = lp + (b + 1) * block
+            counts = llada_schedule(x[:, block_end - block: block_end] == spec.mask_id, steps)
+            for i in range(steps):
+                mask_index = x == spec.mask_id
+                if opts.cfg_scale > 0:
+                    logits = cfg_logits((yield cfg_plan(x, prompt_index, spec.mask_id)), opts.cfg_scale)
+                else:
+                    logits = (yield full_plan(x)).stack()  # [B, N, V]
+                x0, conf = _propose(logits, opts, spec, gen)
+                conf[:, block_end:] = -np.inf
+                x0 = torch.where(mask_index, x0, x)
+                confidence = torch.where(mask_index, conf, -np.inf)
+                chosen = top_k_select(confidence, counts[:, i])
+                x[chosen] = x0[chosen]
 
 
 def _propose(logits: torch.Tensor, opts: DecodeOptions, spec, gen) -> tuple[torch.Tensor, torch.Tensor]:

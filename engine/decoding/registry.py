@@ -1,8 +1,7 @@
-"""The decoding-method registry: every method is a named policy with the same signature.
+"""The decoding-method registry: every method is a named per-request state the engine steps (decoding.step).
 
-    generate(model, prompt_ids [B, Lp], opts: DecodeOptions, gen: torch.Generator) -> DecodeResult
-
-Methods are looked up by name (`get_method("fast_dllm_dual")`), never switched on by flags in callers.
+Methods are looked up by name (`get_method("fast_dllm_dual")`), never switched on by flags in callers; the engine
+(or, offline, `engine.offline.generate`: the same engine step with a pool of one) drives them.
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import torch
-
-from ..model import DiffusionLM
 
 
 @dataclass(frozen=True)
@@ -84,33 +81,33 @@ class DecodeResult:
     info: dict = field(default_factory=dict)
 
 
-GenerateFn = Callable[[DiffusionLM, torch.Tensor, DecodeOptions, "torch.Generator | None"], DecodeResult]
-
-
 @dataclass(frozen=True)
 class Method:
     name: str
-    family: str  # the model family it decodes ("llada" or "dream")
-    generate: GenerateFn
+    family: str  # the model family it decodes ("llada" or "dream"), or ANY
+    # (spec, prompt [B, Lp], opts, gen) -> a per-request DecodeState (decoding.step) the engine steps; its class
+    # method slots_needed(rows, canvas, opts) is the KV capacity the request needs.
+    state: type
     summary: str
-    # For methods the engine can batch: (model, prompt [Lp], opts, gen) -> a per-request decoder with
-    # plan() / commit() (engine/runner.py packs many decoders' plans into one forward). None: the method owns
-    # its loop, and the engine runs it whole.
-    stepper: Callable | None = None
-    validate: Callable[[DecodeOptions], None] | None = None
+    validate: Callable[[DecodeOptions], None] | None = None  # checks the options before a request is queued
+
+    def decodes(self, family: str) -> bool:
+        return self.family in (family, ANY)
+
+
+ANY = "any"  # a method that decodes every family (diffuserve's serving mode)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, family: str, summary: str, stepper: Callable | None = None,
-             validate: Callable[[DecodeOptions], None] | None = None):
-    def wrap(fn: GenerateFn) -> GenerateFn:
+def register(name: str, family: str, summary: str, validate: Callable[[DecodeOptions], None] | None = None):
+    """Class decorator: register a DecodeState subclass as the method `name`."""
+    def wrap(cls: type) -> type:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        # Decoding never needs autograd: inference_mode skips its bookkeeping on every tensor op.
-        METHODS[name] = Method(name, family, torch.inference_mode()(fn), summary, stepper, validate)
-        return fn
+        METHODS[name] = Method(name, family, cls, summary, validate)
+        return cls
 
     return wrap
 
@@ -123,7 +120,7 @@ def get_method(name: str) -> Method:
 
 
 def methods_for(family: str) -> list[str]:
-    return sorted(n for n, m in METHODS.items() if m.family == family)
+    return sorted(n for n, m in METHODS.items() if m.decodes(family))
 
 
 def check(cond: bool, message: str) -> None:

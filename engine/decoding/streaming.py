@@ -9,44 +9,45 @@ loop with three changes:
  - an early exit: once a completed block holds an EOS, everything after it becomes EOS and decoding stops.
 The prefix K/V come from the block-start forward and stay frozen for the whole block (dual: the kept suffix's too).
 Suffix positions are never decoded; only the current block can be written.
+
+Each method is a `LoopState`: every forward is one segment per batch row (`pruned_plan`), rows written to their
+position's slot and attending to the pruned sequence's slots in its order.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import DREAM, LLADA, DiffusionLM, ForwardBatch
+from ..model import DREAM, LLADA
 from .fast_dllm import transfer as fast_dllm_transfer
 from .fast_dllm_dream import schedule_step
-from .llada import block_plan, new_canvas
-from .registry import DecodeOptions, DecodeResult, check, register
+from .llada import block_plan
+from .registry import DecodeOptions, check, register
 from .sampling import argmax, gumbel_perturb, llada_schedule, sample_tokens, shift_logits
+from .step import LoopState, StepPlan, segment
 
 DEFAULT_WINDOW = 32  # both references' window_size default (used when opts.window_size is None)
 DEFAULT_DREAM_BLOCK = 32  # Dream's block_length default
 LLADA_ALPHA, DREAM_ALPHA = 0.3, 0.9  # the references' confidence_alpha defaults differ by family
 
 
-def kept_positions(end: int, total: int, window: int, device) -> torch.Tensor:
+def kept_positions(end: int, total: int, window: int) -> np.ndarray:
     """Forwarded position ids for a block ending at `end` on a canvas of `total`: [0, end) ++ kept suffix.
 
     Kept suffix: all of [end, total) if it fits in `window`, else its first `window` positions plus the last one."""
-    head = torch.arange(end, device=device)
-    suffix_len = total - end
-    if suffix_len <= window:
-        return torch.cat([head, torch.arange(end, total, device=device)])
-    tail = torch.tensor([total - 1], device=device)
-    return torch.cat([head, torch.arange(end, end + window, device=device), tail])
+    if total - end <= window:
+        return np.arange(total, dtype=np.int64)
+    return np.concatenate([np.arange(end + window, dtype=np.int64), np.array([total - 1], dtype=np.int64)])
 
 
-def pruned_forward(model: DiffusionLM, ids: torch.Tensor, positions: torch.Tensor, cache, keys: torch.Tensor):
-    """ids [B, T] at 1-D `positions` [T], attending to cache slots `keys` [K] in that order -> logits [B, T, V].
+def pruned_plan(ids: torch.Tensor, positions: np.ndarray, keys: np.ndarray, canvas: int) -> StepPlan:
+    """ids [B, T] at `positions` [T] (K/V to the positions' slots), attending to slots `keys` [K] in that order.
 
-    The key order matters for float rounding: it is the pruned sequence's order (prefix, block, window, tail)."""
-    B = ids.shape[0]
-    return model.forward(ForwardBatch(ids=ids, positions=positions.expand(B, -1), cache=cache,
-                                      keys=keys.expand(B, -1)))
+    The key order matters for float rounding: it is the pruned sequence's order (prefix, block, window, tail).
+    Row b of the reference's batch is its own segment in slots [b * canvas, (b + 1) * canvas)."""
+    return StepPlan([segment(ids[b], positions, keys, base=b * canvas, canvas=canvas) for b in range(ids.shape[0])])
 
 
 def dynamic_threshold(threshold: float, mask_ratio: float, alpha: float) -> float:
@@ -91,64 +92,56 @@ def llada_transfer(logits, opts: DecodeOptions, mask_index, x, quota, threshold:
     return x0, chosen & mask_index
 
 
-def _llada_block_start(model, x, opts, pos, cache, end, quota, gen) -> None:
-    """Full forward on the pruned canvas; commits over the block with the plain threshold (or quota[:, 0])."""
-    view = x[:, : pos.shape[0]]  # reference quirk: the first len(pos) canvas entries, not x[:, pos] (all masks)
-    logits = pruned_forward(model, view, pos, cache, pos)
-    mask_index = view == model.spec.mask_id
-    mask_index[:, end:] = False
-    x0, chosen = llada_transfer(logits, opts, mask_index, view, quota[:, 0], opts.threshold, gen)
-    view[chosen] = x0[chosen]
-
-
-def _llada_cached_step(model, x, opts, pos, cache, start, block, count, alpha, gen) -> None:
-    """One step on block + kept suffix against the frozen prefix cache, with the dynamic threshold."""
-    view = x[:, start: pos.shape[0]]  # [B, block + kept]
-    mask_index = view == model.spec.mask_id
-    # Kept suffix slots are masks and count; rows are summed but the width is not (r can exceed 1 for B > 1).
-    ratio = mask_index.sum().item() / view.shape[1]
-    mask_index[:, block:] = False
-    logits = pruned_forward(model, view, pos[start:], cache, pos)
-    gumbel_perturb(logits, opts.temperature, gen)  # the reference draws (and discards) noise here
-    thr = None if opts.threshold is None else dynamic_threshold(opts.threshold, ratio, alpha)
-    x0, chosen = llada_transfer(logits, opts, mask_index, view, count, thr, gen)
-    view[chosen] = x0[chosen]
-
-
 @register("streaming_llada", LLADA, "Streaming-dLLM: pruned suffix, dynamic threshold, prefix cache, EOS exit")
-def generate_llada(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
-                   gen: torch.Generator | None = None) -> DecodeResult:
-    check(opts.remasking in ("low_confidence", "random"), f"unknown remasking {opts.remasking!r}")
-    check(opts.cfg_scale == 0, "streaming_llada does not support cfg_scale")
-    block, num_blocks, steps = block_plan(opts)
-    window = _window(opts)
-    alpha = LLADA_ALPHA if opts.confidence_alpha is None else opts.confidence_alpha
-    mask_id = model.spec.mask_id
-    eos = model.spec.eos_id if opts.eos_id is None else opts.eos_id
-    lp = prompt.shape[1]
-    x = new_canvas(prompt, opts.gen_length, mask_id)
-    total = x.shape[1]
-    cache = model.new_cache(x.shape[0], total)
-    calls = 0
-    for b in range(num_blocks):
-        start, end = lp + b * block, lp + (b + 1) * block
-        quota = llada_schedule(x[:, start:end] == mask_id, steps)
-        pos = kept_positions(end, total, window, x.device)
-        _llada_block_start(model, x, opts, pos, cache, end, quota, gen)
-        calls += 1
-        i = 1
-        while True:
-            # Tested before each cached step: a block finished by its full forward costs one call.
-            if not (x[:, start:end] == mask_id).any():
-                if (x[:, start:end] == eos).any():
-                    x[:, end:] = eos
-                    return DecodeResult(ids=x[:, lp:], forward_calls=calls)
-                break
-            # The quotas empty the block within `steps` steps, so i < steps here; min() only guards the index.
-            _llada_cached_step(model, x, opts, pos, cache, start, block, quota[:, min(i, steps - 1)], alpha, gen)
-            calls += 1
-            i += 1
-    return DecodeResult(ids=x[:, lp:], forward_calls=calls)
+class StreamingLlada(LoopState):
+    def run(self):
+        opts = self.opts
+        check(opts.remasking in ("low_confidence", "random"), f"unknown remasking {opts.remasking!r}")
+        check(opts.cfg_scale == 0, "streaming_llada does not support cfg_scale")
+        block, num_blocks, steps = block_plan(opts)
+        window = _window(opts)
+        mask_id, x, lp = self.spec.mask_id, self.x, self.prompt_len
+        eos = self.spec.eos_id if opts.eos_id is None else opts.eos_id
+        for b in range(num_blocks):
+            start, end = lp + b * block, lp + (b + 1) * block
+            quota = llada_schedule(x[:, start:end] == mask_id, steps)
+            pos = kept_positions(end, x.shape[1], window)
+            yield from self._block_start(pos, end, quota)
+            i = 1
+            while True:
+                # Tested before each cached step: a block finished by its full forward costs one call.
+                if not (x[:, start:end] == mask_id).any():
+                    if (x[:, start:end] == eos).any():
+                        x[:, end:] = eos
+                        return
+                    break
+                # The quotas empty the block within `steps` steps, so i < steps here; min() only guards the index.
+                yield from self._cached_step(pos, start, block, quota[:, min(i, steps - 1)])
+                i += 1
+
+    def _block_start(self, pos: np.ndarray, end: int, quota):
+        """Full forward on the pruned canvas; commits over the block with the plain threshold (or quota[:, 0])."""
+        view = self.x[:, : len(pos)]  # reference quirk: the first len(pos) canvas entries, not x[:, pos] (all masks)
+        logits = (yield pruned_plan(view, pos, pos, self.x.shape[1])).stack()
+        mask_index = view == self.spec.mask_id
+        mask_index[:, end:] = False
+        x0, chosen = llada_transfer(logits, self.opts, mask_index, view, quota[:, 0], self.opts.threshold, self.gen)
+        view[chosen] = x0[chosen]
+
+    def _cached_step(self, pos: np.ndarray, start: int, block: int, count):
+        """One step on block + kept suffix against the frozen prefix cache, with the dynamic threshold."""
+        opts, gen = self.opts, self.gen
+        view = self.x[:, start: len(pos)]  # [B, block + kept]
+        mask_index = view == self.spec.mask_id
+        # Kept suffix slots are masks and count; rows are summed but the width is not (r can exceed 1 for B > 1).
+        ratio = mask_index.sum().item() / view.shape[1]
+        mask_index[:, block:] = False
+        logits = (yield pruned_plan(view, pos[start:], pos, self.x.shape[1])).stack()
+        gumbel_perturb(logits, opts.temperature, gen)  # the reference draws (and discards) noise here
+        alpha = LLADA_ALPHA if opts.confidence_alpha is None else opts.confidence_alpha
+        thr = None if opts.threshold is None else dynamic_threshold(opts.threshold, ratio, alpha)
+        x0, chosen = llada_transfer(logits, opts, mask_index, view, count, thr, gen)
+        view[chosen] = x0[chosen]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,67 +174,59 @@ def _dream_threshold_step(view, mask_index, logits, opts, block: int, width: int
     view[chosen] = proposal[chosen]
 
 
-def _dream_block(model, x, opts, cache, start: int, end: int, steps: int, timesteps, dual: bool,
-                 gen) -> tuple[int, bool]:
-    """Decode one block -> (forward calls, completed). It stays partly masked with one step per block."""
-    mask_id, block = model.spec.mask_id, end - start
-    pos = kept_positions(end, x.shape[1], _window(opts), x.device)
-    alpha = DREAM_ALPHA if opts.confidence_alpha is None else opts.confidence_alpha
-    view = x[:, : pos.shape[0]]  # reference quirk: the first len(pos) canvas entries (the kept ones are all masks)
-    logits = shift_logits(pruned_forward(model, view, pos, cache, pos))
-    # Every pruned position is sampled (RNG at T > 0) but only the block's first one is written, unconditionally.
-    _, x1 = sample_tokens(logits, opts.temperature, opts.top_p, opts.top_k, gen=gen)
-    x[:, start] = x1[:, start]
-    calls, i = 1, 1
-    q_end = end if dual else pos.shape[0]
-    while True:
-        view = x[:, start:q_end]  # [B, block] dual, [B, block + kept] prefix
-        mask_index = view == mask_id
-        # Dual: the block's K/V overwrite their slots; the kept suffix's stay from the block-start forward.
-        logits = shift_logits(pruned_forward(model, view, pos[start:q_end], cache, pos))
-        calls += 1
-        if opts.alg == "confidence_threshold":
-            _dream_threshold_step(view, mask_index, logits, opts, block, pos.shape[0] - start, alpha, mask_id, gen)
-        else:
-            if i == steps:  # only reachable with one step per block: the forward is spent, the block left partial
-                return calls, False
-            schedule_step(view, mask_index, logits, opts, block, i, steps, timesteps, gen)
-        i += 1
-        if not (x[:, start:end] == mask_id).any():
-            return calls, True
-
-
-def _generate_dream(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions, gen, dual: bool) -> DecodeResult:
-    check(opts.alg in ("confidence_threshold", "entropy", "maskgit_plus", "topk_margin", "origin"),
-          f"unknown alg {opts.alg!r}")
-    check(opts.alg != "confidence_threshold" or prompt.shape[0] == 1,
-          "alg confidence_threshold decodes one request at a time (the reference updates row 0 only)")
-    if opts.block_length is None:
-        opts = opts.with_(block_length=min(DEFAULT_DREAM_BLOCK, opts.gen_length))
-    block, num_blocks, steps = block_plan(opts)
-    _window(opts)  # validate before any forward
-    mask_id, lp = model.spec.mask_id, prompt.shape[1]
-    eos = model.spec.eos_id if opts.eos is None else opts.eos
-    x = new_canvas(prompt, opts.gen_length, mask_id)
-    cache = model.new_cache(x.shape[0], x.shape[1])
-    timesteps = torch.linspace(1, opts.eps, steps + 1, device=x.device)
-    calls = 0
-    for b in range(num_blocks):
-        start, end = lp + b * block, lp + (b + 1) * block
-        spent, completed = _dream_block(model, x, opts, cache, start, end, steps, timesteps, dual, gen)
-        calls += spent
-        # Tested right after the update that completes the block; a block left partial never exits.
-        if completed and (x[:, start:end] == eos).any():
-            x[:, end:] = eos
-            break
-    return DecodeResult(ids=x[:, lp:], forward_calls=calls)
-
-
 @register("streaming_dream", DREAM, "Streaming-dLLM Dream: pruned suffix, dynamic threshold, prefix cache, EOS exit")
-def generate_dream(model, prompt, opts, gen=None):
-    return _generate_dream(model, prompt, opts, gen, dual=False)
+class StreamingDream(LoopState):
+    dual = False  # dual cache: cached steps forward the block alone, the kept suffix's K/V frozen too
+
+    def run(self):
+        opts, x = self.opts, self.x
+        check(opts.alg in ("confidence_threshold", "entropy", "maskgit_plus", "topk_margin", "origin"),
+              f"unknown alg {opts.alg!r}")
+        check(opts.alg != "confidence_threshold" or x.shape[0] == 1,
+              "alg confidence_threshold decodes one request at a time (the reference updates row 0 only)")
+        if opts.block_length is None:
+            self.opts = opts = opts.with_(block_length=min(DEFAULT_DREAM_BLOCK, opts.gen_length))
+        block, num_blocks, steps = block_plan(opts)
+        _window(opts)  # validate before any forward
+        lp = self.prompt_len
+        eos = self.spec.eos_id if opts.eos is None else opts.eos
+        timesteps = torch.linspace(1, opts.eps, steps + 1, device=x.device)
+        for b in range(num_blocks):
+            start, end = lp + b * block, lp + (b + 1) * block
+            completed = yield from self._block(start, end, steps, timesteps)
+            # Tested right after the update that completes the block; a block left partial never exits.
+            if completed and (x[:, start:end] == eos).any():
+                x[:, end:] = eos
+                return
+
+    def _block(self, start: int, end: int, steps: int, timesteps):
+        """Decode one block -> completed. It stays partly masked with one step per block."""
+        opts, x, gen, mask_id, block = self.opts, self.x, self.gen, self.spec.mask_id, end - start
+        pos = kept_positions(end, x.shape[1], _window(opts))
+        alpha = DREAM_ALPHA if opts.confidence_alpha is None else opts.confidence_alpha
+        view = x[:, : len(pos)]  # reference quirk: the first len(pos) canvas entries (the kept ones are all masks)
+        logits = shift_logits((yield pruned_plan(view, pos, pos, x.shape[1])).stack())
+        # Every pruned position is sampled (RNG at T > 0) but only the block's first one is written, unconditionally.
+        _, x1 = sample_tokens(logits, opts.temperature, opts.top_p, opts.top_k, gen=gen)
+        x[:, start] = x1[:, start]
+        i = 1
+        q_end = end if self.dual else len(pos)
+        while True:
+            view = x[:, start:q_end]  # [B, block] dual, [B, block + kept] prefix
+            mask_index = view == mask_id
+            # Dual: the block's K/V overwrite their slots; the kept suffix's stay from the block-start forward.
+            logits = shift_logits((yield pruned_plan(view, pos[start:q_end], pos, x.shape[1])).stack())
+            if opts.alg == "confidence_threshold":
+                _dream_threshold_step(view, mask_index, logits, opts, block, len(pos) - start, alpha, mask_id, gen)
+            else:
+                if i == steps:  # only reachable with one step per block: the forward is spent, the block left partial
+                    return False
+                schedule_step(view, mask_index, logits, opts, block, i, steps, timesteps, gen)
+            i += 1
+            if not (x[:, start:end] == mask_id).any():
+                return True
 
 
 @register("streaming_dream_dual", DREAM, "Streaming-dLLM Dream, dual cache: the block alone vs prefix + kept suffix")
-def generate_dream_dual(model, prompt, opts, gen=None):
-    return _generate_dream(model, prompt, opts, gen, dual=True)
+class StreamingDreamDual(StreamingDream):
+    dual = True

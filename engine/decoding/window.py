@@ -1,4 +1,4 @@
-"""Method `window`: diffuserve's own Window-Diffusion serving mode (LLaDA family).
+"""Method `window`: diffuserve's own Window-Diffusion serving mode, for both families (the server's default).
 
 Built from the same parts as the reference `window_llada`, with the changes a server wants:
  - commits only among the active masks (the first A masks), never in the far field, on every step;
@@ -9,72 +9,83 @@ Built from the same parts as the reference `window_llada`, with the changes a se
    the decoded tokens and the first W masks (the far field is pruned even then); a phase also ends early when its
    window has no undecoded position left to work on.
 
-Per request the state is a `WindowDecoder` with an explicit `Phase`; `plan()` says which rows to compute and which
-keys they see, `commit(logits)` applies the step. A scheduler can batch many decoders' plans into one forward;
-`generate` below drives a single request. With W and A covering the canvas, R = 1, no threshold and no early exit,
-it equals the vanilla `llada` loop (one block) token for token.
+Per request the state is a `WindowDecoder` (a `DecodeState`) with an explicit `WindowPhase`; `plan()` says which rows
+to compute and which keys they see, `commit()` applies the step. With W and A covering the canvas, R = 1, no
+threshold and no early exit, it equals the vanilla `llada` loop (one block) token for token. On Dream (shifted
+logits) each candidate mask p is read from row p - 1, which the plan computes alongside; everything else is the
+same.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import LLADA, DiffusionLM, ForwardBatch
-from .llada import new_canvas
-from .registry import DecodeOptions, DecodeResult, check, register
+from ..model import ModelSpec
+from .registry import ANY, DecodeOptions, check, register
 from .sampling import argmax, gumbel_perturb, llada_schedule, threshold_select
+from .step import DecodeState, StepPlan, StepResult, segment
 
 
 FRONTIER = 4  # with a threshold, after STALL_STEPS steps that commit none of the first FRONTIER masks, the best of
 STALL_STEPS = 4  # them commits
 
 
-class Phase(enum.Enum):
+class WindowPhase(enum.Enum):
     REFRESH = "refresh"  # next step recomputes the window (or canvas) and rebuilds the KV cache
     PRUNED = "pruned"  # next step computes only the active rows against the cached window
     DONE = "done"
 
 
-@dataclass
-class StepPlan:
-    positions: torch.Tensor  # [T] rows to compute (absolute positions, ascending)
-    keys: torch.Tensor | None  # [K] cache slots they attend to; None = the whole canvas [0, N)
-    candidates: torch.Tensor  # [R] indices into positions whose logits are read (masks that may be committed)
+def _validate(opts: DecodeOptions) -> None:
+    check(opts.gen_length > 0 and opts.n_steps > 0, "gen_length and steps must be positive")
+    check(opts.refresh in ("full", "window"), "refresh must be 'full' or 'window'")
+    check(opts.remasking == "low_confidence", "the window method ranks by confidence (remasking=low_confidence)")
+    check(opts.cfg_scale == 0, "the window method does not support cfg_scale")
+    check(opts.block_length is None, "the window method decodes without blocks: block_length does not apply")
+    check(opts.threshold is None or 0 < opts.threshold <= 1, "threshold must be in (0, 1]")
 
 
-class WindowDecoder:
-    """One request's Window-Diffusion state: canvas, partitions, phase, KV cache."""
+@register("window", ANY, "diffuserve's Window-Diffusion serving mode: active/buffer/far-field, threshold, EOS exit",
+          validate=_validate)
+class WindowDecoder(DecodeState):
+    """One request's Window-Diffusion state: canvas, partitions, phase (its K/V live in the engine's pool)."""
 
-    def __init__(self, model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions, gen, own_cache: bool = True):
-        """own_cache: a private KVCache for `forward_batch` (the single-request driver); the serving engine passes
-        False and keeps this request's K/V in its shared pool instead."""
-        spec = model.spec
-        self.model, self.opts, self.gen = model, opts, gen
+    records_logprobs = True
+
+    def __init__(self, spec: ModelSpec, prompt: torch.Tensor, opts: DecodeOptions, gen):
+        super().__init__(spec, prompt, opts, gen)
+        _validate(opts)
+        check(prompt.shape[0] == 1, "the window method decodes one sequence per request")
         self.mask_id, self.eos_id = spec.mask_id, spec.eos_id
-        self.x = new_canvas(prompt[None], opts.gen_length, spec.mask_id)[0]  # [N]
+        self.shifted = spec.shifted_logits  # Dream: position p is predicted by output row p - 1
+        self.targets = np.empty(0, dtype=np.int64)  # the masks the current plan's logits rows predict
+        self.xr = self.x[0]  # [N]
         # The per-step bookkeeping (partitions, candidates, the phase) runs on numpy views of the same memory: on
         # vectors this short a torch op costs several times a numpy one, and a step does dozens per request.
-        self.xn = self.x.numpy()
-        self.prompt_len = prompt.shape[0]
-        self.cache = model.new_cache(1, self.x.shape[0]) if own_cache else None
-        self.logprobs = torch.zeros(self.x.shape[0])  # [N] log-probability of each committed token
+        self.xn = self.xr.numpy()
+        self.logprobs = torch.zeros(self.xr.shape[0])  # [N] log-probability of each committed token
         steps = opts.n_steps
-        self.counts = llada_schedule((self.x == self.mask_id)[None], steps)[0].tolist()
+        self.counts = llada_schedule((self.x == self.mask_id), steps)[0].tolist()
         self.step, self.since_refresh, self.stalled = 0, 0, 0
         self.max_steps = 4 * opts.gen_length  # a bound no schedule reaches: one commit per step at the least
         self.period = opts.refresh_cycle or 32  # the reference scripts' R
         self.W, self.A = opts.window_tokens, opts.active_tokens
-        self.phase = Phase.REFRESH
+        self.phase = WindowPhase.REFRESH
         self.window = np.empty(0, dtype=np.int64)  # fixed for a phase: keys of the pruned steps
         self.next_window = self.window  # the window a refresh step computes (before its own commits)
         self.fresh = np.empty(0, dtype=np.int64)  # committed this phase: stay active until the next refresh
-        self.forward_calls = self.refresh_calls = 0
         self._masks: np.ndarray | None = None  # masked positions, cached until the canvas changes
+
+    @property
+    def done(self) -> bool:
+        return self.phase is WindowPhase.DONE or self.step >= self.max_steps
+
+    def undecoded(self) -> int:
+        return len(self.masks())
 
     # -- partitions --------------------------------------------------------------------------------------------
     def masks(self) -> np.ndarray:
@@ -101,63 +112,62 @@ class WindowDecoder:
 
     # -- one step ----------------------------------------------------------------------------------------------
     def plan(self) -> StepPlan:
-        if self.phase is Phase.REFRESH:
+        n = len(self.xn)
+        refresh = self.phase is WindowPhase.REFRESH
+        if refresh:
             # The window is fixed here, before this step's commits: every slot in it gets fresh K/V now.
             self.next_window = self._window_now()
-            if self.opts.refresh == "full":
-                pos, keys = np.arange(len(self.xn)), None
-            else:
-                pos = keys = self.next_window
+            pos = keys = np.arange(n) if self.opts.refresh == "full" else self.next_window
         else:
             pos, keys = self.active(), self.window
         # Candidates: rows still masked and among the first A masks (never the far field, never the buffer).
-        first = np.zeros(len(self.xn), dtype=bool)
+        first = np.zeros(n, dtype=bool)
         first[self.masks()[: self.A]] = True
-        candidates = np.flatnonzero(first[pos])
-        return StepPlan(positions=torch.from_numpy(pos), keys=None if keys is None else torch.from_numpy(keys),
-                        candidates=torch.from_numpy(candidates))
+        self.targets = pos[first[pos]]
+        if self.shifted:
+            # Row p - 1 predicts p: compute it too. It is in the window (decoded, the prompt, or an earlier mask
+            # of the first W), so the pruned step's keys already hold it.
+            pos = np.union1d(pos, self.targets - 1)
+            rows = np.searchsorted(pos, self.targets - 1)
+        else:
+            rows = np.searchsorted(pos, self.targets)
+        return StepPlan([segment(self.xn[pos], pos, keys, canvas=n, logits_rows=rows,
+                                 greedy=self.opts.temperature == 0)], refresh=refresh)
 
-    def forward_batch(self, plan: StepPlan) -> ForwardBatch:
-        rows = plan.positions[None]
-        keys = None if plan.keys is None else plan.keys[None]
-        return ForwardBatch(ids=self.x[plan.positions][None], positions=rows, cache=self.cache, keys=keys,
-                            key_len=self.x.shape[0] if keys is None else None,
-                            logits_rows=plan.candidates[None])
-
-    def commit(self, plan: StepPlan, logits: torch.Tensor, greedy: tuple | None = None) -> None:
-        """logits [R, V] for plan.candidates: choose, commit, advance the phase. greedy: (tokens [R], their
-        probabilities [R], float32 log-probabilities [R]) already computed from these logits (a batch computes them
-        at once); used at temperature 0, where they are exactly what this would compute."""
-        was_refresh = self.phase is Phase.REFRESH
+    def commit(self, plan: StepPlan, result: StepResult) -> None:
+        """The candidates' logits [R, V]: choose, commit, advance the phase. At temperature 0 the greedy tokens and
+        their probabilities the runner computed for the whole batch are exactly what this would compute."""
+        was_refresh = self.phase is WindowPhase.REFRESH
         self.forward_calls += 1
         self.refresh_calls += int(was_refresh)
-        if len(plan.candidates):
-            if greedy is not None and self.opts.temperature == 0:
-                x0, conf, logprob = greedy
+        seg, rows = plan.segments[0], result.rows[0]
+        if len(seg.logits_rows):
+            if self.opts.temperature == 0:
+                x0, conf, logprob = rows.choice
             else:
-                x0 = argmax(gumbel_perturb(logits, self.opts.temperature, self.gen))
-                conf = torch.gather(F.softmax(logits, dim=-1), -1, x0[:, None])[:, 0]
+                x0 = argmax(gumbel_perturb(rows.logits, self.opts.temperature, self.gen))
+                conf = torch.gather(F.softmax(rows.logits, dim=-1), -1, x0[:, None])[:, 0]
                 logprob = conf.float().clamp_min(1e-30).log()
-            pick = self._pick(plan, conf)  # indices into the candidates
-            pos = plan.positions[plan.candidates[pick]]
-            self.x[pos] = x0[pick]
+            pick = self._pick(conf, frontier=True)  # indices into the candidates
+            pos = self.targets[pick.numpy()]
+            self.xr[pos] = x0[pick]
             self._masks = None
             self.logprobs[pos] = logprob[pick]
-            self.fresh = pos.numpy() if was_refresh else np.concatenate([self.fresh, pos.numpy()])
+            self.fresh = pos if was_refresh else np.concatenate([self.fresh, pos])
         if was_refresh:
             self.window = self.next_window
         self.step += 1
         self.since_refresh = 0 if was_refresh else self.since_refresh + 1
         self._advance()
 
-    def _keep_frontier_moving(self, plan: StepPlan, conf: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    def _keep_frontier_moving(self, conf: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """With a threshold, some masks are free choices the model is never sure of (any valid word: confidence
         ~0.1), while every step a sure token (punctuation, a number, EOS) enters the active set to its right and is
         the step's one commit. The free masks then sit in the active set to the end of the canvas, one step per
         token, and EOS early exit never fires (tiny-task's sentences: ~1014 steps on every 1024 canvas). So after
         STALL_STEPS steps in a row that commit none of the first FRONTIER masks, the most confident of them commits
         too. (Forcing one every step got unsure count digits wrong that a few more steps would have settled.)"""
-        front = torch.from_numpy(np.isin(plan.positions[plan.candidates].numpy(), self.masks()[:FRONTIER]))
+        front = torch.from_numpy(np.isin(self.targets, self.masks()[:FRONTIER]))
         if not front.any() or (chosen & front).any():
             self.stalled = 0
         elif self.stalled + 1 < STALL_STEPS:  # an unsure token usually settles as its neighbours commit: wait
@@ -171,15 +181,15 @@ class WindowDecoder:
     def _select(self, conf: torch.Tensor) -> torch.Tensor:
         """-> bool [R]: the candidates this step commits."""
         chosen = torch.zeros_like(conf, dtype=torch.bool)
-        chosen[self._pick(None, conf)] = True
+        chosen[self._pick(conf)] = True
         return chosen
 
-    def _pick(self, plan: StepPlan | None, conf: torch.Tensor) -> torch.Tensor:
-        """-> indices of the candidates this step commits (plan: for the threshold's frontier rule)."""
+    def _pick(self, conf: torch.Tensor, frontier: bool = False) -> torch.Tensor:
+        """-> indices of the candidates this step commits (frontier: apply the stalled-frontier rule)."""
         if self.opts.threshold is not None:
             chosen = threshold_select(conf[None], self.opts.threshold)[0]
-            if plan is not None:
-                chosen = self._keep_frontier_moving(plan, conf, chosen)
+            if frontier:
+                chosen = self._keep_frontier_moving(conf, chosen)
             return chosen.nonzero()[:, 0]
         # The global schedule; once it is spent (fewer candidates than it asked for earlier), one per step.
         # (torch.topk as top_k_select calls it: the same ties, without the bool mask round trip.)
@@ -190,7 +200,7 @@ class WindowDecoder:
         masks = self.masks()
         first = np.searchsorted(masks, self.prompt_len)  # the generated part's first mask (a prompt may hold one)
         if first == len(masks):
-            self.phase = Phase.DONE
+            self.phase = WindowPhase.DONE
             return
         if self.opts.eos_early_exit:
             gen_part = self.xn[self.prompt_len:]
@@ -198,38 +208,9 @@ class WindowDecoder:
             if len(eos) and masks[first] > self.prompt_len + eos[0]:  # an EOS with nothing undecoded left of it
                 gen_part[eos[0]:] = self.eos_id  # the model fills a canvas's tail with EOS; skip computing it
                 self._masks = None
-                self.phase = Phase.DONE
+                self.phase = WindowPhase.DONE
                 return
         window_masks = bool((self.xn[self.window] == self.mask_id).any()) if len(self.window) else False
         due = self.since_refresh + 1 >= self.period or not window_masks
-        self.phase = Phase.REFRESH if due else Phase.PRUNED
+        self.phase = WindowPhase.REFRESH if due else WindowPhase.PRUNED
 
-
-def _validate(opts: DecodeOptions) -> None:
-    check(opts.gen_length > 0 and opts.n_steps > 0, "gen_length and steps must be positive")
-    check(opts.refresh in ("full", "window"), "refresh must be 'full' or 'window'")
-    check(opts.remasking == "low_confidence", "the window method ranks by confidence (remasking=low_confidence)")
-    check(opts.cfg_scale == 0, "the window method does not support cfg_scale")
-    check(opts.block_length is None, "the window method decodes without blocks: block_length does not apply")
-    check(opts.threshold is None or 0 < opts.threshold <= 1, "threshold must be in (0, 1]")
-
-
-def stepper(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions, gen) -> WindowDecoder:
-    return WindowDecoder(model, prompt, opts, gen, own_cache=False)
-
-
-@register("window", LLADA, "diffuserve's Window-Diffusion serving mode: active/buffer/far-field, threshold, EOS exit",
-          stepper=stepper, validate=_validate)
-def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
-             gen: torch.Generator | None = None) -> DecodeResult:
-    _validate(opts)
-    outs, calls, refreshes = [], 0, 0
-    for row in prompt:  # one decoder per sequence; a scheduler batches them, this driver runs them in turn
-        dec = WindowDecoder(model, row, opts, gen)
-        while dec.phase is not Phase.DONE and dec.step < dec.max_steps:
-            plan = dec.plan()
-            logits = model.forward(dec.forward_batch(plan))[0]
-            dec.commit(plan, logits)
-        outs.append(dec.x[dec.prompt_len:])
-        calls, refreshes = calls + dec.forward_calls, refreshes + dec.refresh_calls
-    return DecodeResult(ids=torch.stack(outs), forward_calls=calls, refresh_calls=refreshes)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model import DREAM, DiffusionLM, KVCache, span_forward
-from .llada import new_canvas
-from .registry import DecodeOptions, DecodeResult, check, register
+from ..model import DREAM
+from .registry import DecodeOptions, check, register
 from .sampling import dream_commit_count, sample_tokens, shift_logits
+from .step import LoopState, StepPlan, StepResult, span_plan
 from .window_llada import PhaseClock
 
 # The reference hard-codes Dream's <|endoftext|> for early stopping and ignores the config's eos.
@@ -73,12 +73,17 @@ class DreamWindow:
         return max(self.inner_end, self.outer_end)
 
 
-def _refresh_step(model: DiffusionLM, x: torch.Tensor, win: DreamWindow, cache: KVCache, opts: DecodeOptions,
-                  gen) -> None:
-    """Full forward of the outer prefix (fresh cache), then commit the leftmost mask's prediction."""
-    mask_id, K, s, e = model.spec.mask_id, win.outer_end, win.inner_start, win.inner_end
-    cache.truncate_view(K)  # the reference reallocates the cache: nothing from the last phase survives past K
-    logits = shift_logits(span_forward(model, x[:, :K], 0, cache, K))  # [1, K, V]
+def _refresh_plan(x: torch.Tensor, win: DreamWindow) -> StepPlan:
+    """Full forward of the outer prefix [0, K), rebuilding the cache from it (nothing from the last phase
+    survives past K: no later step attends to a slot past K before rewriting it)."""
+    return span_plan(x[:, :win.outer_end], 0, win.outer_end, x.shape[1], refresh=True)
+
+
+def _refresh_commit(x: torch.Tensor, win: DreamWindow, result: StepResult, opts: DecodeOptions, mask_id: int,
+                    gen) -> None:
+    """Commit the leftmost mask's prediction."""
+    K, s, e = win.outer_end, win.inner_start, win.inner_end
+    logits = shift_logits(result.stack())  # [1, K, V]
     in_window = torch.zeros(K, dtype=torch.bool, device=x.device)
     in_window[s:e] = x[0, s:e] == mask_id
     # Every masked row of the inner window is sampled (at T > 0 each draws), though only the first is used.
@@ -103,15 +108,19 @@ def _commit(x: torch.Tensor, win: DreamWindow, in_mask: torch.Tensor, confidence
     x[0, s + idx] = proposal[idx]
 
 
-def _pruned_step(model: DiffusionLM, x: torch.Tensor, win: DreamWindow, cache: KVCache, opts: DecodeOptions,
-                 count: int, gen) -> tuple[torch.Tensor, bool]:
-    """Recompute [s, e) against the cached prefix and commit `count` of its masks. Returns the canvas, cut after
-    the first EOS under early_stop, and whether that EOS check fired (even if the EOS is the last position)."""
-    mask_id, s, e = model.spec.mask_id, win.inner_start, win.inner_end
-    ids = x[:, s:e]  # [1, e - s]
+def _pruned_plan(x: torch.Tensor, win: DreamWindow) -> StepPlan:
+    """Recompute [s, e) against the cached prefix: rows written to their own slots, attending [0, max(e, K))."""
     # If a slid window passes K, the reference attends to never-written slots K..e-1 (uninitialised memory); we
     # write and attend to those rows' fresh K/V instead. No fixture covers it (the reference's output is undefined).
-    logits = shift_logits(span_forward(model, ids, s, cache, win.key_len))  # shifted within the slice
+    return span_plan(x[:, win.inner_start:win.inner_end], win.inner_start, win.key_len, x.shape[1])
+
+
+def _pruned_commit(x: torch.Tensor, win: DreamWindow, result: StepResult, opts: DecodeOptions, count: int,
+                   mask_id: int, gen) -> tuple[torch.Tensor, bool]:
+    """Commit `count` of the inner window's masks. Returns the canvas, cut after the first EOS under early_stop,
+    and whether that EOS check fired (even if the EOS is the last position)."""
+    ids = x[:, win.inner_start:win.inner_end]  # [1, e - s]
+    logits = shift_logits(result.stack())  # shifted within the slice
     in_mask = ids[0] == mask_id
     confidence, x0 = sample_tokens(logits[0, in_mask], opts.temperature, opts.top_p, opts.top_k,
                                    neg_entropy=True, gen=gen)
@@ -125,38 +134,36 @@ def _pruned_step(model: DiffusionLM, x: torch.Tensor, win: DreamWindow, cache: K
     return x, False
 
 
-def _validate(prompt: torch.Tensor, opts: DecodeOptions, period: int) -> None:
-    check(prompt.shape[0] == 1, "window_dream decodes one sequence at a time (the reference is batch-1 only)")
+def _validate(x: torch.Tensor, opts: DecodeOptions, period: int) -> None:
+    check(x.shape[0] == 1, "window_dream decodes one sequence at a time (the reference is batch-1 only)")
     check(opts.n_steps > 0 and opts.gen_length > 0, "steps and max_new_tokens must be positive")
     check(period > 0, "refresh_cycle must be positive")
     check(opts.i_win_size >= 1 and opts.o_win_size >= 1, "i_win_size and o_win_size must be positive")
 
 
 @register("window_dream", DREAM, "Window-Diffusion Dream: periodic prefix refresh, pruned steps over an inner window")
-def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
-             gen: torch.Generator | None = None) -> DecodeResult:
-    period = opts.refresh_cycle if opts.refresh_cycle is not None else DEFAULT_REFRESH_CYCLE
-    _validate(prompt, opts, period)
-    steps, mask_id = opts.n_steps, model.spec.mask_id
-    x = new_canvas(prompt, opts.gen_length, mask_id)
-    cache = model.new_cache(1, x.shape[1])
-    timesteps = torch.linspace(1, opts.eps, steps + 1, device=x.device)  # float32, as the schedule needs
-    clock, win, reach_eos, calls, refreshes = PhaseClock(period), None, False, 0, 0
-    for i in range(steps):
-        is_mask = x[0] == mask_id
-        if not is_mask.any():
-            break
-        if clock.refresh_due or reach_eos:
-            win = DreamWindow.at_refresh(x[0], mask_id, opts.o_win_size, opts.i_win_size)
-            _refresh_step(model, x, win, cache, opts, gen)
-            refreshes += 1
-        else:
-            if opts.slide_window:
-                win.slide(x[0], mask_id, opts.i_win_size)
-            count = 1 if opts.early_stop else dream_commit_count(is_mask.sum(), 1, timesteps[i + 1], timesteps[i],
-                                                                 last=i == steps - 1)
-            x, hit_eos = _pruned_step(model, x, win, cache, opts, count, gen)
-            reach_eos = reach_eos or hit_eos  # from now on every step refreshes
-        calls += 1
-        clock.advance()
-    return DecodeResult(ids=x[:, prompt.shape[1]:], forward_calls=calls, refresh_calls=refreshes)
+class WindowDream(LoopState):
+    def run(self):
+        opts, gen, mask_id = self.opts, self.gen, self.spec.mask_id
+        period = opts.refresh_cycle if opts.refresh_cycle is not None else DEFAULT_REFRESH_CYCLE
+        _validate(self.x, opts, period)
+        steps = opts.n_steps
+        timesteps = torch.linspace(1, opts.eps, steps + 1, device=self.x.device)  # float32, as the schedule needs
+        clock, win, reach_eos = PhaseClock(period), None, False
+        for i in range(steps):
+            x = self.x  # early_stop may have cut the canvas after an EOS: the state's canvas is the cut one
+            is_mask = x[0] == mask_id
+            if not is_mask.any():
+                return
+            if clock.refresh_due or reach_eos:
+                win = DreamWindow.at_refresh(x[0], mask_id, opts.o_win_size, opts.i_win_size)
+                _refresh_commit(x, win, (yield _refresh_plan(x, win)), opts, mask_id, gen)
+            else:
+                if opts.slide_window:
+                    win.slide(x[0], mask_id, opts.i_win_size)
+                count = 1 if opts.early_stop else dream_commit_count(is_mask.sum(), 1, timesteps[i + 1],
+                                                                     timesteps[i], last=i == steps - 1)
+                result = yield _pruned_plan(x, win)
+                self.x, hit_eos = _pruned_commit(x, win, result, opts, count, mask_id, gen)
+                reach_eos = reach_eos or hit_eos  # from now on every step refreshes
+            clock.advance()

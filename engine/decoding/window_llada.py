@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import LLADA, DiffusionLM, ForwardBatch, KVCache, span_forward
-from .llada import guided_logits, new_canvas
-from .registry import DecodeOptions, DecodeResult, check, register
+from ..model import LLADA
+from .llada import cfg_logits, cfg_plan, cfg_slots
+from .registry import DecodeOptions, check, register
 from .sampling import argmax, gumbel_perturb, llada_schedule, random_confidence, top_k_select
+from .step import LoopState, StepPlan, StepResult, full_plan, segment
 
 DEFAULT_PERIOD = 5  # the reference's window_size default: the refresh period when refresh_cycle is not given
 
@@ -98,17 +99,17 @@ def _propose(logits: torch.Tensor, opts: DecodeOptions, gen) -> tuple[torch.Tens
     return x0, random_confidence((x0.shape[0], x0.shape[1]), gen, x0.device)
 
 
-def _refresh_step(model: DiffusionLM, x: torch.Tensor, cache: KVCache | None, prompt_index: torch.Tensor,
-                  count: int, opts: DecodeOptions, gen) -> torch.Tensor:
-    """One vanilla LLaDA step over the whole canvas, rebuilding the cache; returns bool [N], what it committed.
+def _refresh_plan(x: torch.Tensor, prompt_index: torch.Tensor, opts: DecodeOptions, mask_id: int) -> StepPlan:
+    """A full forward of the canvas (rebuilding every cached K/V), with its guidance twin under cfg_scale."""
+    return cfg_plan(x, prompt_index, mask_id, refresh=True) if opts.cfg_scale > 0 else full_plan(x, refresh=True)
+
+
+def _refresh_commit(x: torch.Tensor, result: StepResult, mask_id: int, count: int, opts: DecodeOptions,
+                    gen) -> torch.Tensor:
+    """One vanilla LLaDA step's commit over the whole canvas; returns bool [N], what it committed.
     The cache keeps the K/V of the committed positions as computed from the mask token."""
-    mask_index = x == model.spec.mask_id
-    if opts.cfg_scale > 0:
-        logits = guided_logits(model, x, prompt_index, opts.cfg_scale)
-    elif cache is not None:
-        logits = span_forward(model, x, 0, cache, x.shape[1])
-    else:
-        logits = model.logits(x)
+    mask_index = x == mask_id
+    logits = cfg_logits(result, opts.cfg_scale) if opts.cfg_scale > 0 else result.stack()  # [1, N, V]
     x0, conf = _propose(logits, opts, gen)
     x0 = torch.where(mask_index, x0, x)
     confidence = torch.where(mask_index, conf, -np.inf)
@@ -117,27 +118,30 @@ def _refresh_step(model: DiffusionLM, x: torch.Tensor, cache: KVCache | None, pr
     return chosen[0]
 
 
-def _pruned_step(model: DiffusionLM, x: torch.Tensor, plan: LladaWindow, cache: KVCache, mask_id: int,
-                 count: int, opts: DecodeOptions, gen) -> None:
-    """Recompute the active tokens against the window's cached K/V and commit the top `count` active masks."""
-    ids = x[:, plan.active]  # [1, n_active]
+def _pruned_plan(x: torch.Tensor, win: LladaWindow) -> StepPlan:
+    """The active tokens, their K/V written to their own slots, attending to the window's cached K/V."""
     # The reference's pruned path rotates q/k in the working dtype where its refresh path (and our default)
     # rotates in float32; the two differ only in float64 runs.
-    fb = ForwardBatch(ids=ids, positions=plan.active[None], cache=cache, keys=plan.window[None],
-                      rope_full_precision=False)
-    logits = model.forward(fb)  # [1, n_active, V]
-    x0, conf = _propose(logits, opts, gen)
+    return StepPlan([segment(x[0, win.active], win.active.numpy(), win.window.numpy(), 0, x.shape[1],
+                             rope_full_precision=False)])
+
+
+def _pruned_commit(x: torch.Tensor, win: LladaWindow, result: StepResult, mask_id: int, count: int,
+                   opts: DecodeOptions, gen) -> None:
+    """Commit the top `count` active masks and slide the active set."""
+    ids = x[:, win.active]  # [1, n_active]
+    x0, conf = _propose(result.stack(), opts, gen)  # logits [1, n_active, V]
     confidence = torch.where(ids == mask_id, conf, -np.inf)
     # No "still masked" guard, as in the reference: were count above the active masks, a -inf (decoded) entry
     # would be chosen and overwritten with its new argmax.
     chosen = top_k_select(confidence, [count])[0]
-    pos = plan.active[chosen]
+    pos = win.active[chosen]
     x[0, pos] = x0[0, chosen]
-    plan.after_pruned(x[0], mask_id, pos, opts.active_tokens)
+    win.after_pruned(x[0], mask_id, pos, opts.active_tokens)
 
 
-def _validate(prompt: torch.Tensor, opts: DecodeOptions, period: int, steps: int) -> None:
-    check(prompt.shape[0] == 1, "window_llada decodes one sequence at a time (the reference is batch-1 only)")
+def _validate(x: torch.Tensor, opts: DecodeOptions, period: int, steps: int) -> None:
+    check(x.shape[0] == 1, "window_llada decodes one sequence at a time (the reference is batch-1 only)")
     check(opts.remasking in ("low_confidence", "random"), f"unknown remasking {opts.remasking!r}")
     check(steps > 0 and opts.gen_length > 0, "steps and gen_length must be positive")
     check(period > 0, "refresh_cycle (or window_size) must be positive")
@@ -147,25 +151,24 @@ def _validate(prompt: torch.Tensor, opts: DecodeOptions, period: int, steps: int
 
 
 @register("window_llada", LLADA, "Window-Diffusion LLaDA: periodic full refresh, pruned steps over an active window")
-def generate(model: DiffusionLM, prompt: torch.Tensor, opts: DecodeOptions,
-             gen: torch.Generator | None = None) -> DecodeResult:
-    steps = opts.n_steps
-    period = opts.refresh_cycle if opts.refresh_cycle is not None else (
-        opts.window_size if opts.window_size is not None else DEFAULT_PERIOD)
-    _validate(prompt, opts, period, steps)
-    mask_id = model.spec.mask_id
-    x = new_canvas(prompt, opts.gen_length, mask_id)
-    prompt_index = x != mask_id
-    counts = llada_schedule(x == mask_id, steps)[0].tolist()  # one block: the schedule spans the generation
-    has_pruned = period > 1 and steps > 1
-    cache = model.new_cache(1, x.shape[1]) if has_pruned else None
-    clock, plan, refreshes = PhaseClock(period), None, 0
-    for i in range(steps):
-        if clock.refresh_due:
-            committed = _refresh_step(model, x, cache, prompt_index, counts[i], opts, gen)
-            plan = LladaWindow.after_refresh(x[0], mask_id, committed, opts.window_tokens, opts.active_tokens)
-            refreshes += 1
-        else:
-            _pruned_step(model, x, plan, cache, mask_id, counts[i], opts, gen)
-        clock.advance()
-    return DecodeResult(ids=x[:, prompt.shape[1]:], forward_calls=steps, refresh_calls=refreshes)
+class WindowLlada(LoopState):
+    slots_needed = staticmethod(cfg_slots)  # guidance's prompt-masked twin gets slots of its own
+
+    def run(self):
+        opts, x, gen, mask_id = self.opts, self.x, self.gen, self.spec.mask_id
+        steps = opts.n_steps
+        period = opts.refresh_cycle if opts.refresh_cycle is not None else (
+            opts.window_size if opts.window_size is not None else DEFAULT_PERIOD)
+        _validate(x, opts, period, steps)
+        prompt_index = x != mask_id
+        counts = llada_schedule(x == mask_id, steps)[0].tolist()  # one block: the schedule spans the generation
+        clock, win = PhaseClock(period), None
+        for i in range(steps):
+            if clock.refresh_due:
+                result = yield _refresh_plan(x, prompt_index, opts, mask_id)
+                committed = _refresh_commit(x, result, mask_id, counts[i], opts, gen)
+                win = LladaWindow.after_refresh(x[0], mask_id, committed, opts.window_tokens, opts.active_tokens)
+            else:
+                result = yield _pruned_plan(x, win)
+                _pruned_commit(x, win, result, mask_id, counts[i], opts, gen)
+            clock.advance()

@@ -16,17 +16,13 @@ import torch
 
 
 class KVHandle:
-    """One request's pages. slots(positions) -> pool slot of each absolute position."""
+    """One request's pages; slot_map[position] is the pool slot of each absolute position."""
 
     def __init__(self, pages: list[int], page_size: int, capacity: int):
         self.pages, self.page_size, self.capacity = pages, page_size, capacity
         table = torch.tensor(pages, dtype=torch.long)
-        # [pages, page_size] -> [pages * page_size]: the slot of every position, one lookup per call
-        self.slot_of = (table[:, None] * page_size + torch.arange(page_size)).reshape(-1)
-        self.slot_map = self.slot_of.numpy()  # the same, for the runner's numpy layout
-
-    def slots(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.slot_of[positions]
+        # [pages, page_size] -> [pages * page_size]: the slot of every position (the runner indexes it in numpy)
+        self.slot_map = (table[:, None] * page_size + torch.arange(page_size)).reshape(-1).numpy()
 
 
 class KVPool:

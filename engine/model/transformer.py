@@ -96,9 +96,10 @@ class Ragged:
 
     slots: torch.Tensor  # [N] pool rows their K/V are written to (pad rows: the scratch slot)
     groups: list[AttnGroup]  # covering [0, N - pad) in order
-    logits_rows: torch.Tensor  # [M >= B * R] packed row of each request's R candidate rows, flat (padding: any row)
-    logits_shape: tuple[int, int]  # (B, R)
+    logits_rows: torch.Tensor  # [M' >= M] packed row of every row whose logits are returned (padding: any row)
+    logits_count: int  # M: the real ones, first
     pad: int = 0  # rows at the end that belong to no request (N is rounded up to few distinct sizes)
+    rope_working: torch.Tensor | None = None  # bool [N]: rows rotated in the working dtype (others: the rule's)
 
 
 @dataclass
@@ -169,10 +170,9 @@ class DiffusionLM(nn.Module):
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         if fb.ragged is not None:
-            B, R = fb.ragged.logits_shape
-            # [N, H] -> [M, H] candidate rows -> [M, V] -> [B, R, V]
+            # [N, H] -> [M', H] requested rows -> [M', V] -> [M, V]
             logits = self.lm_head(self._ragged_hidden_states(fb)[fb.ragged.logits_rows])
-            return logits[: B * R].view(B, R, -1)
+            return logits[: fb.ragged.logits_count]
         x = self.hidden_states(fb)
         if fb.logits_rows is not None:
             # [B, T, H] -> [B, R, H]: only the rows whose predictions the caller will read.
@@ -221,12 +221,11 @@ class DiffusionLM(nn.Module):
         layer but attention is row-wise, so it runs on the N real rows; K/V go straight to their pool rows."""
         s, rg = self.spec, fb.ragged
         x = self.embed(fb.ids[0])  # [N, H]
-        cos, sin = self.rope.tables(fb.positions, x.dtype, fb.rope_full_precision)  # [1, 1, N, hd]
-        cos, sin = cos[0, 0, :, None], sin[0, 0, :, None]  # [N, 1, hd]: broadcast over the heads of each row
+        rotate = self._ragged_rope(fb, x.dtype)
         for i, layer in enumerate(self.layers):
             h = layer.attn_norm(x)
-            q = self.rope.apply(layer.q_proj(h).view(-1, s.num_heads, s.head_dim), cos, sin)  # [N, heads, hd]
-            k = self.rope.apply(layer.k_proj(h).view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+            q = rotate(layer.q_proj(h).view(-1, s.num_heads, s.head_dim))  # [N, heads, hd]
+            k = rotate(layer.k_proj(h).view(-1, s.num_kv_heads, s.head_dim))
             fb.cache.write_rows(i, rg.slots, k.view(k.shape[0], -1), layer.v_proj(h))
             parts = [self._group_attention(i, q[g.n0:g.n1], g, fb.cache) for g in rg.groups]
             if rg.pad:
@@ -234,6 +233,20 @@ class DiffusionLM(nn.Module):
             x = x + layer.o_proj(parts[0] if len(parts) == 1 else torch.cat(parts))
             x = x + self._mlp(layer, x)
         return self.norm(x)
+
+    def _ragged_rope(self, fb: ForwardBatch, dtype: torch.dtype):
+        """-> rotate(t [N, heads, hd]) at the packed rows' positions, each row by its own precision rule."""
+        def tables(rule):  # [1, 1, N, hd] -> [N, 1, hd]: broadcast over the heads of each row
+            cos, sin = self.rope.tables(fb.positions, dtype, rule)
+            return cos[0, 0, :, None], sin[0, 0, :, None]
+
+        cos, sin = tables(fb.rope_full_precision)
+        working = fb.ragged.rope_working
+        if working is None:
+            return lambda t: self.rope.apply(t, cos, sin)
+        cos_w, sin_w = tables(False)
+        return lambda t: torch.where(working[:, None, None], self.rope.apply(t, cos_w, sin_w),
+                                     self.rope.apply(t, cos, sin))
 
     def _group_attention(self, i: int, q: torch.Tensor, g: AttnGroup, cache) -> torch.Tensor:
         """q [n, heads, hd], one group's packed rows -> their attention output [n, H]."""

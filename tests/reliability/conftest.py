@@ -72,7 +72,7 @@ def fake_server(delay: float = 0.005, fault_token: int | None = None, fault_afte
                 **overrides):
     from engine.config import build_config
     from engine.engine import AsyncEngine, Engine
-    from engine.fake_runner import FakeModel, FakeRunner
+    from fake_runner import FakeModel, FakeRunner
     from engine.metrics import Metrics
     from engine.model.kv_pool import KVPool
     from engine.scheduler import Limits, Scheduler
