@@ -13,6 +13,7 @@ RUN python -c "import torch" 2>/dev/null || \
 COPY pyproject.toml README.md ./
 COPY engine ./engine
 COPY server ./server
+COPY tools ./tools
 RUN pip install .
 
 FROM ${BASE} AS runtime

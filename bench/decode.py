@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from engine import offline
-from engine.decoding import METHODS, DecodeOptions
-from engine.detokenizer import finish
+from diffuserve.engine import offline
+from diffuserve.engine.decoding import METHODS, DecodeOptions
+from diffuserve.engine.detokenizer import finish
 
 # method -> options beyond gen_length (steps = gen_length: one token per step unless a threshold decides)
 METHOD_OPTIONS = {
@@ -99,9 +99,9 @@ class RowCounter:
 
 
 def load(name: str, dtype: str = "float32"):
-    from engine.llm import LLM
-    from engine.model import ModelSpec
-    from engine.model.saver import random_model
+    from diffuserve.engine.llm import LLM
+    from diffuserve.engine.model import ModelSpec
+    from diffuserve.engine.model.saver import random_model
 
     if name == "random-100m":
         llm = LLM.__new__(LLM)
@@ -150,7 +150,7 @@ def score(row: Row, llm, canvas: list[int], example) -> None:
 def tally(row: Row, tokens: int, text: str, example) -> None:
     row.tokens += tokens
     if example is not None:
-        from engine.train import task_data as tk
+        from diffuserve.tools.train import task_data as tk
 
         ok = int(tk.CHECKERS[example.task](example.prompt, text.split()))
         row.checked += 1
@@ -191,11 +191,11 @@ def run_engine(llm, method: str, opts: DecodeOptions, group, row: Row) -> None:
     """B concurrent requests of any method through the serving engine, as the server runs them."""
     import threading
 
-    from engine.engine import Engine
-    from engine.model.kv_pool import KVPool
-    from engine.request import Request
-    from engine.runner import ModelRunner
-    from engine.scheduler import Limits, Scheduler
+    from diffuserve.engine.engine import Engine
+    from diffuserve.engine.model.kv_pool import KVPool
+    from diffuserve.engine.request import Request
+    from diffuserve.engine.runner import ModelRunner
+    from diffuserve.engine.scheduler import Limits, Scheduler
 
     reqs, left, done = [], [len(group)], threading.Event()
     texts, tokens = defaultdict(str), {}
@@ -235,7 +235,7 @@ def options_for(model: str, method: str, gen: int, overrides: dict | None = None
     opts = DecodeOptions(gen_length=gen, steps=gen, **{**METHOD_OPTIONS[method], **(overrides or {})})
     if method != "guided":
         return opts
-    from engine.model.bundled import bundled_names
+    from diffuserve.engine.model.bundled import bundled_names
 
     verifier = VERIFIERS.get(model)
     return opts.with_(verifier=verifier) if verifier in bundled_names() else None
@@ -337,7 +337,7 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
 
 def parse_options(text: str) -> dict:
     """'threshold=0.9,active_tokens=8,refresh=full' -> DecodeOptions fields with their annotated types."""
-    from engine.cli import _field_type
+    from diffuserve.tools.cli import _field_type
 
     out = {}
     for item in filter(None, text.split(",")):

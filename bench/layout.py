@@ -15,14 +15,14 @@ import statistics
 import sys
 import time
 
-from engine.config import build_config
-from engine.decoding import DecodeOptions, get_method
-from engine.engine import Engine
-from engine.llm import LLM
-from engine.model.kv_pool import KVPool
-from engine.request import Request
-from engine.runner import ModelRunner
-from engine.scheduler import Limits, Scheduler
+from diffuserve.engine.config import build_config
+from diffuserve.engine.decoding import DecodeOptions, get_method
+from diffuserve.engine.engine import Engine
+from diffuserve.engine.llm import LLM
+from diffuserve.engine.model.kv_pool import KVPool
+from diffuserve.engine.request import Request
+from diffuserve.engine.runner import ModelRunner
+from diffuserve.engine.scheduler import Limits, Scheduler
 
 PROMPTS = ["ROMEO.\n", "JULIET.\nO Romeo, Romeo,", "KING LEAR.\n", "HAMLET.\nTo be, or not to be"]
 

@@ -181,7 +181,8 @@ def spawned_server(model: str | None, extra: list[str]):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "engine.cli", "serve", *([model] if model else []), "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "diffuserve.tools.cli", "serve", *([model] if model else []), "--port", str(port),
+           *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:

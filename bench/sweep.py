@@ -18,7 +18,7 @@ import json
 import sys
 
 from bench.decode import Row, load, prompts_for, run_engine
-from engine.decoding import DecodeOptions
+from diffuserve.engine.decoding import DecodeOptions
 
 
 def settings(windows, actives, refreshes, gen: int) -> list[DecodeOptions]:

@@ -20,8 +20,8 @@ import random
 
 import torch
 
-from engine.model import ForwardBatch
-from engine.train import task_data as tk
+from diffuserve.engine.model import ForwardBatch
+from diffuserve.tools.train import task_data as tk
 
 CANVASES = (32, 64, 128, 256, 512, 1024)
 
@@ -81,7 +81,7 @@ def canvas_cue(model, starts=(45, 81, 133, 206)) -> dict[int, dict[int, int]]:
 
 
 def main(argv=None) -> int:
-    from engine.llm import LLM
+    from diffuserve.engine.llm import LLM
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a tiny-task checkpoint directory or bundled name")

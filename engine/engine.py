@@ -26,7 +26,7 @@ from typing import AsyncIterator
 
 import torch
 
-from .request import Request, RequestOutput, RequestPhase
+from .request import Request, RequestOutput, RequestStatus
 from .runner import ModelRunner, StepStats
 from .scheduler import Draining, Scheduler
 
@@ -79,7 +79,7 @@ class Engine:
         """Abort every waiting and running request (the drain timeout ran out); -> how many."""
         with self.lock:
             reqs = [r for r in itertools.chain(self.scheduler.waiting, self.scheduler.running)
-                    if r.abort_reason is None and r.phase in (RequestPhase.WAITING, RequestPhase.RUNNING)]
+                    if r.abort_reason is None and r.phase in (RequestStatus.WAITING, RequestStatus.RUNNING)]
             for req in reqs:
                 req.abort_reason = reason
             self.lock.notify_all()
@@ -87,7 +87,7 @@ class Engine:
 
     def abort(self, req: Request, reason: str = "abort") -> None:
         with self.lock:
-            if req.phase in (RequestPhase.WAITING, RequestPhase.RUNNING) and req.abort_reason is None:
+            if req.phase in (RequestStatus.WAITING, RequestStatus.RUNNING) and req.abort_reason is None:
                 req.abort_reason = reason
                 self.lock.notify_all()
 
@@ -150,7 +150,7 @@ class Engine:
         with self.lock:
             self.fatal = exc
             for req in itertools.chain(list(self.scheduler.waiting), list(self.scheduler.running)):
-                req.end(RequestPhase.FAILED, "error", f"the engine stopped: {type(exc).__name__}: {exc}")
+                req.end(RequestStatus.FAILED, "error", f"the engine stopped: {type(exc).__name__}: {exc}")
                 self._retire(req)
             self.lock.notify_all()
 
@@ -162,14 +162,14 @@ class Engine:
             running = list(self.scheduler.running)  # the admitted ones last
             self._observe_queues()
         for req in admitted:
-            req.phase = RequestPhase.RUNNING
+            req.phase = RequestStatus.RUNNING
             self._guard(req, lambda r=req: self._start(r))
-        stepping = [r for r in running if r.phase is RequestPhase.RUNNING]
+        stepping = [r for r in running if r.phase is RequestStatus.RUNNING]
         if stepping:
             self._step_batch(stepping)
         with self.lock:
             for req in running:
-                if req.phase is not RequestPhase.RUNNING:
+                if req.phase is not RequestStatus.RUNNING:
                     self._retire(req)
             self.steps += 1
             self._observe_queues()
@@ -187,7 +187,8 @@ class Engine:
         chosen = self.scheduler.batch([p.rows for _, p in plans])
         if len(chosen) < len(plans):  # rows over budget: the ones left out go first next step
             with self.lock:
-                skipped = {id(r) for i, (r, _) in enumerate(plans) if i not in set(chosen)}
+                taken = set(chosen)
+                skipped = {id(r) for i, (r, _) in enumerate(plans) if i not in taken}
                 self.scheduler.running.sort(key=lambda r: id(r) not in skipped)
         plans = [plans[i] for i in chosen]
         try:
@@ -229,7 +230,7 @@ class Engine:
         req.emit(req.canvas(), final=state.done, logprobs=lp)
 
     def _guard(self, req: Request, fn) -> None:
-        if req.phase is not RequestPhase.RUNNING:
+        if req.phase is not RequestStatus.RUNNING:
             return
         try:
             fn()
@@ -240,10 +241,10 @@ class Engine:
 
     def _fail(self, req: Request, exc: Exception) -> None:
         if isinstance(exc, ValueError):  # the method rejected the request's options: the client's error
-            req.end(RequestPhase.FAILED, "error", str(exc), status=400)
+            req.end(RequestStatus.FAILED, "error", str(exc), status=400)
             return
         log.error("request %s failed", req.request_id, exc_info=exc)
-        req.end(RequestPhase.FAILED, "error", f"generation failed: {type(exc).__name__}: {exc}")
+        req.end(RequestStatus.FAILED, "error", f"generation failed: {type(exc).__name__}: {exc}")
 
     def _end_aborted(self) -> None:
         now = time.monotonic()
@@ -251,7 +252,7 @@ class Engine:
             if req.abort_reason is None and req.deadline is not None and now > req.deadline:
                 req.abort_reason = "timeout"
             if req.abort_reason is not None:
-                req.end(RequestPhase.ABORTED, req.abort_reason)
+                req.end(RequestStatus.ABORTED, req.abort_reason)
                 self._retire(req)
 
     def _retire(self, req: Request) -> None:

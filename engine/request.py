@@ -21,7 +21,7 @@ from .detokenizer import StreamDetokenizer, cut_at_stop, finish
 from .model.kv_pool import KVHandle
 
 
-class RequestPhase(enum.Enum):
+class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued, holds nothing
     RUNNING = "running"  # admitted: holds a KV handle and a decoding state
     FINISHED = "finished"  # ended normally (EOS, stop string or length)
@@ -57,7 +57,7 @@ class Request:
     mask_id: int = -1
     stops: list[str] = field(default_factory=list)
     deadline: float | None = None  # time.monotonic() after which the engine ends it
-    phase: RequestPhase = RequestPhase.WAITING
+    phase: RequestStatus = RequestStatus.WAITING
     state: DecodeState | None = None
     kv: KVHandle | None = None
     emitted: int = 0  # settled generated tokens already sent
@@ -115,13 +115,13 @@ class Request:
             out.finished, out.finish_reason = True, done.finish_reason
             self.completion_tokens = len(done.token_ids)
             out.completion_tokens, out.forward_calls = self.completion_tokens, self.forward_calls
-            self.phase = RequestPhase.FINISHED
+            self.phase = RequestStatus.FINISHED
         if self.first_output_at is None and (new or complete):
             self.first_output_at = time.monotonic()
         self.sink(out)
         return complete
 
-    def end(self, phase: RequestPhase, reason: str, error: str | None = None, status: int = 500) -> None:
+    def end(self, phase: RequestStatus, reason: str, error: str | None = None, status: int = 500) -> None:
         """An abnormal end (abort, timeout, failure): one last output that says why."""
         self.phase = phase
         self.sink(RequestOutput(self.request_id, "", [], [], finished=True, finish_reason=reason, error=error,

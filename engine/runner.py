@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .decoding.sampling import argmax
 from .decoding.step import Rows, Segment, StepPlan, StepResult, Verify, log_prob
 from .model import AttnGroup, DiffusionLM, ForwardBatch, Ragged
-from .model.causal import load_verifier
+from .model.causal import keep, load_verifier
 from .model.kv_pool import KVHandle, KVPool, PoolView
 
 
@@ -60,6 +60,9 @@ class ModelRunner:
                 fb, flat = self._pack_padded(segs)
                 logits = self.model.forward(fb).flatten(0, 1)[flat]  # [B, R, V] -> [M, V]
             choices = self._greedy(logits, segs)
+            if logits.device.type != "cpu":  # the states' canvases and bookkeeping live on the host: one copy
+                logits = logits.cpu()
+                choices = [tuple(None if t is None else t.cpu() for t in c) for c in choices]
             owners = [i for i, (_, plan) in enumerate(work) for _ in plan.segments]
             m = 0
             for i, s, choice in zip(owners, segs, choices):
@@ -98,6 +101,7 @@ class ModelRunner:
 
     def _verify(self, v: Verify) -> torch.Tensor:
         lm = self.verifiers.get(v.model) or self.verifiers.setdefault(v.model, load_verifier(v.model))
+        keep(v.cache, v.cached)  # a retried step (_isolate) must not feed the same tokens twice
         return lm.predict(v.cache, v.feed)
 
     @torch.inference_mode()

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .model.kv_pool import KVPool
-from .request import Request, RequestPhase
+from .request import Request, RequestStatus
 
 
 class QueueFull(Exception):
@@ -98,4 +98,4 @@ class Scheduler:
         return len(self.running), len(self.waiting)
 
 
-__all__ = ["Draining", "Limits", "QueueFull", "RequestPhase", "Scheduler"]
+__all__ = ["Draining", "Limits", "QueueFull", "RequestStatus", "Scheduler"]

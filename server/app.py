@@ -14,7 +14,7 @@ import time
 
 import uvicorn
 
-from .lifecycle import Lifecycle, Phase, Swap, starting_app
+from .lifecycle import Lifecycle, Stage, Swap, starting_app
 
 log = logging.getLogger("diffuserve.server")
 
@@ -23,10 +23,10 @@ WARM_ROWS = 2048  # the engine builds the matmul kernels of every padded row cou
 
 
 def build_engine(cfg, llm, metrics, threads: int | None = None):
-    from engine.engine import AsyncEngine, Engine
-    from engine.model.kv_pool import KVPool
-    from engine.runner import ModelRunner
-    from engine.scheduler import Limits, Scheduler
+    from diffuserve.engine.engine import AsyncEngine, Engine
+    from diffuserve.engine.model.kv_pool import KVPool
+    from diffuserve.engine.runner import ModelRunner
+    from diffuserve.engine.scheduler import Limits, Scheduler
 
     e = cfg.engine
     pool = KVPool.for_model(llm.model, e.kv_cache_mb << 20)
@@ -50,7 +50,7 @@ def uvicorn_config(app, cfg, log_level: str = "info") -> uvicorn.Config:
 
 def serve(args: argparse.Namespace) -> int:
     """Listen at once (probes see LOADING), load and warm the model in a thread, then serve; -> exit status."""
-    from engine.config import build_config
+    from diffuserve.engine.config import build_config
 
     cfg = build_config(args.config, model__path=args.model, model__dtype=args.dtype, model__device=args.device,
                        model__served_model_name=args.served_model_name, server__host=args.host,
@@ -63,7 +63,7 @@ def serve(args: argparse.Namespace) -> int:
     life.watch(server.die)
     log.info("listening on http://%s:%d; loading %s", cfg.server.host, cfg.server.port, cfg.model.path)
     server.run()
-    status = 1 if life.phase is Phase.DEAD else 0
+    status = 1 if life.stage is Stage.DEAD else 0
     # Decided before the engine stops: the watchdog would otherwise see a stopped engine, call the server dead,
     # and turn a clean drain into exit 1 (a race the haproxy deploy test lost about one run in four).
     life.closed = True
@@ -88,8 +88,8 @@ def _engine_threads() -> int:
 
 
 def _load(cfg, life: Lifecycle, swap: Swap, threads: int | None = None) -> None:
-    from engine.llm import LLM
-    from engine.metrics import Metrics
+    from diffuserve.engine.llm import LLM
+    from diffuserve.engine.metrics import Metrics
 
     from .routes import create_app
 
@@ -101,23 +101,23 @@ def _load(cfg, life: Lifecycle, swap: Swap, threads: int | None = None) -> None:
         engine, front = build_engine(cfg, llm, None, threads)  # no metrics yet: the warm-up is nobody's request
         life.engine = engine
         log.info("loaded %s in %.1fs; warming up", cfg.model.path, time.monotonic() - t0)
-        life.to(Phase.WARMING)
+        life.to(Stage.WARMING)
         warm_up(engine, llm, cfg)
         engine.attach_metrics(metrics)
         swap.app = create_app(cfg, llm, front, metrics, ready=life.ready)
-        if life.phase is Phase.WARMING:  # a signal may have come meanwhile
-            life.to(Phase.READY)
+        if life.stage is Stage.WARMING:  # a signal may have come meanwhile
+            life.to(Stage.READY)
         log.info("serving %s as %r (ready after %.1fs)", cfg.model.path, served, time.monotonic() - t0)
     except Exception as exc:  # noqa: BLE001 - any load failure leaves a dead server for the watchdog to end
         log.exception("loading failed")
-        life.to(Phase.DEAD, f"loading failed: {type(exc).__name__}: {exc}")
+        life.to(Stage.DEAD, f"loading failed: {type(exc).__name__}: {exc}")
 
 
 def warm_up(engine, llm, cfg, tokens: int = 4) -> None:
     """One short generation through the engine thread, so the first client does not pay for lazy set-up."""
-    from engine.config import SERVING_METHOD
-    from engine.decoding import METHODS
-    from engine.request import Request
+    from diffuserve.engine.config import SERVING_METHOD
+    from diffuserve.engine.decoding import METHODS
+    from diffuserve.engine.request import Request
 
     method = METHODS[cfg.decoding.method or SERVING_METHOD[llm.spec.family]]
     base = cfg.decoding.options
@@ -155,7 +155,7 @@ class DrainingServer(uvicorn.Server):
         if self.draining:  # second signal: stop now
             return super().handle_exit(sig, frame)
         self.draining = True
-        self.life.to(Phase.DRAINING)
+        self.life.to(Stage.DRAINING)
         if self.life.engine is not None:
             self.life.engine.drain()
         log.info("draining: waiting up to %.0fs for in-flight requests", self.drain_timeout)

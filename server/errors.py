@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.config import Config
+from diffuserve.engine.config import Config
 
 log = logging.getLogger("diffuserve.server")
 

@@ -18,7 +18,7 @@ import time
 log = logging.getLogger("diffuserve.server")
 
 
-class Phase(enum.Enum):
+class Stage(enum.Enum):
     LOADING = "loading"
     WARMING = "warming"
     READY = "ready"
@@ -28,21 +28,21 @@ class Phase(enum.Enum):
 
 class Lifecycle:
     def __init__(self):
-        self.phase = Phase.LOADING
+        self.stage = Stage.LOADING
         self.engine = None  # set once built; the watchdog watches it
         self.error: str | None = None
         self.since = time.monotonic()
         self.closed = False  # the process is shutting down on purpose: the engine stopping then is no death
 
-    def to(self, phase: Phase, error: str | None = None) -> None:
-        if self.phase is Phase.DEAD:  # nothing comes back from the dead
+    def to(self, stage: Stage, error: str | None = None) -> None:
+        if self.stage is Stage.DEAD:  # nothing comes back from the dead
             return
-        log.info("server phase: %s -> %s", self.phase.value, phase.value)
-        self.phase, self.error = phase, error or self.error
+        log.info("server stage: %s -> %s", self.stage.value, stage.value)
+        self.stage, self.error = stage, error or self.error
 
     def ready(self) -> str:
         """The /ready status: "ready", or what the server is doing instead."""
-        return self.phase.value
+        return self.stage.value
 
     def watch(self, stop, grace_s: float = 2.0, every_s: float = 0.25) -> threading.Thread:
         """Start the watchdog: once the engine is dead (or loading failed), wait `grace_s` (probes see /health 503)
@@ -51,9 +51,9 @@ class Lifecycle:
         def run():
             while not self.closed:
                 eng = self.engine
-                if eng is not None and not eng.alive and self.phase is not Phase.DEAD:
-                    self.to(Phase.DEAD, f"engine stopped: {getattr(eng, 'fatal', None)}")
-                if self.phase is Phase.DEAD:
+                if eng is not None and not eng.alive and self.stage is not Stage.DEAD:
+                    self.to(Stage.DEAD, f"engine stopped: {getattr(eng, 'fatal', None)}")
+                if self.stage is Stage.DEAD:
                     log.critical("server is dead (%s); exiting in %.1fs", self.error, grace_s)
                     time.sleep(grace_s)
                     stop()
@@ -87,7 +87,7 @@ def starting_app(life: Lifecycle):
                     return
         if scope["type"] != "http":
             return
-        dead = life.phase is Phase.DEAD
+        dead = life.stage is Stage.DEAD
         path = scope["path"]
         if path == "/health":
             status, body = (503, {"status": "dead", "error": life.error}) if dead else (200, {"status": "loading"})

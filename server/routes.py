@@ -15,12 +15,12 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from engine.config import SERVING_METHOD, Config
-from engine.decoding import METHODS, DecodeOptions
-from engine.engine import AsyncEngine
-from engine.llm import LLM
-from engine.request import Request as EngineRequest
-from engine.scheduler import Draining, QueueFull
+from diffuserve.engine.config import SERVING_METHOD, Config
+from diffuserve.engine.decoding import METHODS, DecodeOptions
+from diffuserve.engine.engine import AsyncEngine
+from diffuserve.engine.llm import LLM
+from diffuserve.engine.request import Request as EngineRequest
+from diffuserve.engine.scheduler import Draining, QueueFull
 
 from . import openapi
 from .errors import APIError, install

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from engine.request import RequestOutput
+from diffuserve.engine.request import RequestOutput
 
 from .protocol import chat_logprobs, completion_logprobs, error_body, usage
 

@@ -7,7 +7,7 @@ import os
 # The parity fixtures were produced where torch ran its AVX2 CPU kernels. Under AVX-512 a float32 reduction over
 # Dream's 152k-token vocabulary rounds differently, which flips one near-tie (win-dream-g64-f32-r8-o32-i8-es, the
 # reference itself flips the same way here). Pin the kernel level, before torch loads, so cases compare like with
-# like; `diffuserve conformance` does the same (engine/cli.py).
+# like; `diffuserve conformance` does the same (tools/cli.py).
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
 import contextlib  # noqa: E402
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest  # noqa: E402
 
-from engine.model import ModelSpec  # noqa: E402
+from diffuserve.engine.model import ModelSpec  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PARITY = FIXTURES / "parity"
@@ -91,7 +91,7 @@ def server_process(*serve_args: str, env: dict | None = None):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: an unread pipe could fill and stall the server
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", *serve_args, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "diffuserve.tools.cli", "serve", *serve_args, "--port", str(port)],
                             cwd=FIXTURES.parents[1], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -19,9 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.decoding.step import Rows, StepResult
-from engine.model.spec import ModelSpec
-from engine.runner import StepStats
+from diffuserve.engine.decoding.step import Rows, StepResult
+from diffuserve.engine.model.spec import ModelSpec
+from diffuserve.engine.runner import StepStats
 
 
 @dataclass
@@ -59,13 +59,14 @@ class FakeRunner:
             if self.fault_token is not None and self.fault_token in seen.prompt and seen.steps >= self.fault_after:
                 raise RuntimeError("injected fault")
             if self.fatal_token is not None and self.fatal_token in seen.prompt:
-                from engine.engine import FatalEngineError
+                from diffuserve.engine.engine import FatalEngineError
 
                 raise FatalEngineError("injected fatal fault")
             want = self.script(seen.prompt)
             res = StepResult()
             for seg in plan.segments:
-                offsets = seg.positions[seg.logits_rows] - seen.prompt_len  # [R] offsets into the generation
+                # [R] offsets into the generation of the positions these rows predict (Dream: row p - 1 predicts p)
+                offsets = seg.positions[seg.logits_rows] + int(self.spec.shifted_logits) - seen.prompt_len
                 tokens = [want[o] if 0 <= o < len(want) else self.spec.eos_id for o in offsets.tolist()]
                 logits = torch.zeros(len(offsets), self.spec.vocab_size)
                 logits[torch.arange(len(offsets)), torch.tensor(tokens, dtype=torch.long)] = 20.0

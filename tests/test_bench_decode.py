@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench import decode
-from engine.model.bundled import bundled_names
+from diffuserve.engine.model.bundled import bundled_names
 
 pytestmark = pytest.mark.skipif("tiny-text" not in bundled_names(), reason="tiny-text is not in this checkout")
 
@@ -17,7 +17,7 @@ def results():
 
 
 def test_vanilla_is_the_baseline_and_computes_every_row_every_step(results):
-    from engine.llm import LLM
+    from diffuserve.engine.llm import LLM
 
     llm = LLM("tiny-text")
     prompt_len = len(decode.prompts_for(llm, "tiny-text", 1, 1)[0][0])
@@ -85,7 +85,7 @@ def test_vanilla_extrapolation_reports_the_full_runs_forwards_and_rows(monkeypat
 
 @pytest.mark.skipif("tiny-task" not in bundled_names(), reason="tiny-task is not in this checkout")
 def test_task_prompts_alternate_tasks_in_equal_length_groups_that_fit_the_canvas():
-    from engine.llm import LLM
+    from diffuserve.engine.llm import LLM
 
     llm = LLM("tiny-task")
     for batch, n in ((1, 6), (4, 16)):

@@ -8,15 +8,15 @@ import re
 import pytest
 
 from conftest import running_server
-from engine.decoding import DecodeOptions
-from engine.model.bundled import MODELS_DIR, bundled_names, resolve_model
+from diffuserve.engine.decoding import DecodeOptions
+from diffuserve.engine.model.bundled import MODELS_DIR, bundled_names, resolve_model
 
 pytestmark = pytest.mark.skipif("tiny-text" not in bundled_names(), reason="tiny-text is not in this checkout")
 
 
 @pytest.fixture(scope="module")
 def text_llm():
-    from engine.llm import LLM
+    from diffuserve.engine.llm import LLM
 
     return LLM("tiny-text")
 
@@ -77,7 +77,7 @@ def test_tiny_text_ar_verifies_tiny_text_drafts(text_llm):
     with it gives exactly its greedy continuation, at least one token per diffusion forward."""
     import torch
 
-    from engine.model.causal import load_verifier
+    from diffuserve.engine.model.causal import load_verifier
 
     ar = MODELS_DIR / "tiny-text-ar"
     assert (ar / "tokenizer.json").read_bytes() == (MODELS_DIR / "tiny-text" / "tokenizer.json").read_bytes()

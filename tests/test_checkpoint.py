@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import PARITY, small_spec, write_tokenizer
-from engine.model import load_model, load_spec
-from engine.model.saver import random_model, save_checkpoint
-from engine.model.tokenizer import load_tokenizer
+from diffuserve.engine.model import load_model, load_spec
+from diffuserve.engine.model.saver import random_model, save_checkpoint
+from diffuserve.engine.model.tokenizer import load_tokenizer
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, check=check)
+    return subprocess.run([sys.executable, "-m", "diffuserve.tools.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, check=check)
 
 
 def test_help():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import build_config
+from diffuserve.engine.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,14 +74,14 @@ def test_auto_dtype_is_accepted_and_loads_the_stored_dtype(monkeypatch):
     monkeypatch.chdir(ROOT)
     import torch
 
-    from engine.model.loader import resolve_dtype
+    from diffuserve.engine.model.loader import resolve_dtype
 
     cfg = build_config("configs/llada-tiny.yaml", model__dtype="auto")
     assert cfg.model.dtype == "auto"
-    monkeypatch.setattr("engine.model.loader.native_bf16", lambda: True)
+    monkeypatch.setattr("diffuserve.engine.model.loader.native_bf16", lambda: True)
     assert resolve_dtype(cfg.model.path, cfg.model.dtype) == torch.bfloat16  # the parity checkpoint stores bf16
     # A CPU without native bf16 computes it in float32 (emulated bf16 is several times slower); a GPU does not care
-    monkeypatch.setattr("engine.model.loader.native_bf16", lambda: False)
+    monkeypatch.setattr("diffuserve.engine.model.loader.native_bf16", lambda: False)
     assert resolve_dtype(cfg.model.path, cfg.model.dtype) == torch.float32
     assert resolve_dtype(cfg.model.path, cfg.model.dtype, "cuda:0") == torch.bfloat16
     assert resolve_dtype(cfg.model.path, "bfloat16") == torch.bfloat16  # a dtype asked for by name is kept
@@ -92,7 +92,7 @@ def test_auto_is_the_default_dtype_and_native_bf16_follows_torchs_kernels():
     kernels have no bf16 matmul) no CPU counts as native bf16."""
     import os
 
-    from engine.model.loader import native_bf16
+    from diffuserve.engine.model.loader import native_bf16
 
     assert build_config().model.dtype == "auto"
     if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":

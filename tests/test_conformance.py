@@ -11,9 +11,9 @@ import json
 import pytest
 
 from conftest import PARITY
-from engine.conformance import run_case
-from engine.decoding import METHODS
-from engine.model import DTYPES, load_model
+from diffuserve.tools.conformance import run_case
+from diffuserve.engine.decoding import METHODS
+from diffuserve.engine.model import DTYPES, load_model
 
 # The methods the foundation (issue 2) must reproduce; anything else registered is held to the same standard.
 REQUIRED = {"llada", "fast_dllm", "fast_dllm_prefix", "fast_dllm_dual", "dream", "fast_dllm_dream_prefix",
@@ -53,7 +53,7 @@ def test_case(name, family, case):
 def test_every_case_at_once_through_one_engine(name):
     """`diffuserve conformance --engine`: all of a file's cases submitted together, mixed methods, prompt lengths and
     seeds sharing the engine's steps, each still token for token the reference's."""
-    from engine.conformance import EngineRun, run_file_engine
+    from diffuserve.tools.conformance import EngineRun, run_file_engine
 
     run = EngineRun()
     results = run_file_engine(PARITY / name / "cases.json", run=run)

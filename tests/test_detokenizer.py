@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from conftest import small_spec, write_tokenizer
-from engine.detokenizer import apply_stop_strings, cut_at_stop, finish
-from engine.model.tokenizer import load_tokenizer
+from diffuserve.engine.detokenizer import apply_stop_strings, cut_at_stop, finish
+from diffuserve.engine.model.tokenizer import load_tokenizer
 
 
 def test_cut_at_stop_token_and_leftover_mask():

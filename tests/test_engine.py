@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import small_spec
-from engine.decoding import DecodeOptions, get_method
-from engine.engine import Engine
+from diffuserve.engine.decoding import DecodeOptions, get_method
+from diffuserve.engine.engine import Engine
 from fake_runner import FakeModel, FakeRunner
-from engine.model.kv_pool import KVPool
-from engine.request import Request, RequestPhase
-from engine.scheduler import Limits, QueueFull, Scheduler
+from diffuserve.engine.model.kv_pool import KVPool
+from diffuserve.engine.request import Request, RequestStatus
+from diffuserve.engine.scheduler import Limits, QueueFull, Scheduler
 
 SPEC = small_spec("llada")
 FAULT = 7
@@ -84,12 +84,12 @@ def test_aborts_at_step_boundaries_free_everything():
     for r in reqs:
         engine.submit(r)
     engine.step()
-    assert [r.phase for r in reqs] == [RequestPhase.RUNNING] * 2 + [RequestPhase.WAITING] * 2
+    assert [r.phase for r in reqs] == [RequestStatus.RUNNING] * 2 + [RequestStatus.WAITING] * 2
     engine.abort(reqs[0])  # running
     engine.abort(reqs[3])  # still queued
     engine.step()
-    assert reqs[0].phase is RequestPhase.ABORTED and reqs[0].kv is None
-    assert reqs[3].phase is RequestPhase.ABORTED and reqs[3] not in engine.scheduler.waiting
+    assert reqs[0].phase is RequestStatus.ABORTED and reqs[0].kv is None
+    assert reqs[3].phase is RequestStatus.ABORTED and reqs[3] not in engine.scheduler.waiting
     assert outs[0][-1].finish_reason == outs[3][-1].finish_reason == "abort"
     run_until_idle(engine)
     assert tokens(outs[1]) == script([61]) and tokens(outs[2]) == script([62])
@@ -171,8 +171,8 @@ def test_mailbox_holds_a_steps_outputs_until_it_ends_then_waits_for_the_loop():
     import asyncio
     import threading
 
-    from engine.engine import Mailbox
-    from engine.request import RequestOutput
+    from diffuserve.engine.engine import Mailbox
+    from diffuserve.engine.request import RequestOutput
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -210,7 +210,7 @@ def test_mailbox_holds_a_steps_outputs_until_it_ends_then_waits_for_the_loop():
 
 @pytest.fixture(scope="module")
 def llm():
-    from engine.llm import LLM
+    from diffuserve.engine.llm import LLM
 
     return LLM("tiny-text")
 
@@ -218,7 +218,7 @@ def llm():
 def test_engine_output_equals_offline_window_and_is_batch_invariant(llm):
     """At temperature 0 (float32, CPU) a request's tokens are the same alone, in a batch with companions of other
     prompt lengths and options, and through the offline `window` driver."""
-    from engine.runner import ModelRunner
+    from diffuserve.engine.runner import ModelRunner
 
     pool = KVPool.for_model(llm.model, 64 << 20)
     engine = Engine(llm.model, Scheduler(Limits(), pool), ModelRunner(llm.model, pool))

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import PARITY
-from engine import offline
-from engine.decoding import DecodeOptions
-from engine.decoding.freecache import fill_after_eos
-from engine.model import load_model
+from diffuserve.engine import offline
+from diffuserve.engine.decoding import DecodeOptions
+from diffuserve.engine.decoding.freecache import fill_after_eos
+from diffuserve.engine.model import load_model
 
 
 @pytest.fixture(scope="module")

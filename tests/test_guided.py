@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import small_spec
-from engine import offline
-from engine.decoding import DecodeOptions
-from engine.model.saver import random_model
+from diffuserve.engine import offline
+from diffuserve.engine.decoding import DecodeOptions
+from diffuserve.engine.model.saver import random_model
 
 GEN = 48
 
@@ -34,7 +34,7 @@ def dlm():
 
 def greedy(verifier_dir: str, prompt: list[int], n: int, eos: int) -> list[int]:
     """The verifier's own greedy continuation, one full forward per token (no cache), EOS-filled after EOS."""
-    from engine.model.causal import load_verifier
+    from diffuserve.engine.model.causal import load_verifier
 
     lm, seq, out = load_verifier(verifier_dir).lm, list(prompt), []
     with torch.no_grad():

@@ -7,14 +7,14 @@ import time
 
 import pytest
 
-from engine.decoding import DecodeOptions, get_method
-from engine.engine import Engine
-from engine.model.bundled import bundled_names
-from engine.model.kv_pool import KVPool
-from engine.request import Request, RequestPhase
-from engine.runner import ModelRunner
-from engine.scheduler import Limits, Scheduler
-from engine.train import task_data as tk
+from diffuserve.engine.decoding import DecodeOptions, get_method
+from diffuserve.engine.engine import Engine
+from diffuserve.engine.model.bundled import bundled_names
+from diffuserve.engine.model.kv_pool import KVPool
+from diffuserve.engine.request import Request, RequestStatus
+from diffuserve.engine.runner import ModelRunner
+from diffuserve.engine.scheduler import Limits, Scheduler
+from diffuserve.tools.train import task_data as tk
 
 pytestmark = pytest.mark.skipif("tiny-task" not in bundled_names(), reason="tiny-task is not in this checkout")
 LLADA = DecodeOptions(gen_length=512, steps=512)  # one token per step: 512 full forwards to the end
@@ -23,7 +23,7 @@ WINDOW = DecodeOptions(gen_length=256, threshold=0.95, active_tokens=16)
 
 @pytest.fixture(scope="module")
 def llm():
-    from engine.llm import LLM
+    from diffuserve.engine.llm import LLM
 
     return LLM("tiny-task", dtype="float32")
 
@@ -70,17 +70,17 @@ def test_llada_shares_every_step_with_window_streams_and_aborts_within_a_step(ll
     waited = {id(r): 0 for r in everyone}
     for _ in range(30):
         engine.step()
-        running = [r for r in everyone if r.phase is RequestPhase.RUNNING]
+        running = [r for r in everyone if r.phase is RequestStatus.RUNNING]
         assert slow in running
         for r in running:
             waited[id(r)] = 0 if id(r.kv) in computed[-1] else waited[id(r)] + 1
             assert waited[id(r)] <= 1, f"{r.request_id} waited two steps in a row"
-    assert slow.phase is RequestPhase.RUNNING and 10 <= slow.state.forward_calls < 512
+    assert slow.phase is RequestStatus.RUNNING and 10 <= slow.state.forward_calls < 512
     pages = engine.scheduler.pool.pages_in_use
     slow_pages = len(slow.kv.pages)
     engine.abort(slow)  # what a client disconnect does (RequestGroup.abort)
     engine.step()
-    assert slow.phase is RequestPhase.ABORTED and slow.kv is None
+    assert slow.phase is RequestStatus.ABORTED and slow.kv is None
     assert outs[4][-1].finish_reason == "abort"
     assert engine.scheduler.pool.pages_in_use <= pages - slow_pages  # its pages are free after this one step
     while not engine.scheduler.idle:
@@ -97,8 +97,8 @@ def test_request_deadline_ends_a_llada_request(llm):
         engine.step()
     slow.deadline = time.monotonic() - 1  # request_timeout_s has run out
     engine.step()
-    assert slow.phase is RequestPhase.ABORTED and outs[4][-1].finish_reason == "timeout" and slow.kv is None
-    assert all(r.phase is RequestPhase.RUNNING for r in streams)
+    assert slow.phase is RequestStatus.ABORTED and outs[4][-1].finish_reason == "timeout" and slow.kv is None
+    assert all(r.phase is RequestStatus.RUNNING for r in streams)
     engine.abort_all()
     engine.step()
     assert engine.scheduler.pool.pages_in_use == 0

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import PARITY, small_spec
-from engine.model import ForwardBatch, load_model
-from engine.model.saver import random_model
+from diffuserve.engine.model import ForwardBatch, load_model
+from diffuserve.engine.model.saver import random_model
 
 TOL = dict(rtol=1e-10, atol=1e-10)  # float64 round-off; a wrong key, position or mask is off by >> 1e-3
 
@@ -110,9 +110,9 @@ def test_runner_ragged_batch_equals_each_request_alone(family, group_cost):
     similar row counts) gives every request the logits of its own partial forward."""
     import numpy as np
 
-    import engine.runner as runner_mod
-    from engine.decoding.step import StepPlan, segment
-    from engine.model.kv_pool import KVPool
+    import diffuserve.engine.runner as runner_mod
+    from diffuserve.engine.decoding.step import StepPlan, segment
+    from diffuserve.engine.model.kv_pool import KVPool
 
     model = random_model(small_spec(family), seed=6, dtype=torch.float64)
     pool = KVPool.for_requests(model, [30, 30, 30], page_size=8)
@@ -121,7 +121,8 @@ def test_runner_ragged_batch_equals_each_request_alone(family, group_cost):
     handles = [pool.allocate(30) for _ in xs]
     every = np.arange(30)
     # every slot written: one forward of the whole canvas each, no logits read
-    runner.step([(h, StepPlan([segment(x, every, every, canvas=30, logits_rows=every[:0])])) for x, h in zip(xs, handles)])
+    runner.step([(h, StepPlan([segment(x, every, every, canvas=30, logits_rows=every[:0])]))
+                 for x, h in zip(xs, handles)])
     shapes = [(np.array([4, 9]), np.arange(20), np.array([1])),
               (np.array([1, 2, 25]), np.array(list(range(10)) + [25, 29]), np.array([0, 2])),
               (np.arange(5, 25), np.arange(30), np.array([0, 7, 19]))]
@@ -144,7 +145,7 @@ def test_runner_ragged_batch_equals_each_request_alone(family, group_cost):
 def test_padded_row_counts_are_few_and_close():
     """The engine rounds its row count up so oneDNN meets few matmul shapes: never fewer rows, at most 12.5% more
     past 64 rows, 8 sizes per octave."""
-    from engine.runner import padded_rows
+    from diffuserve.engine.runner import padded_rows
 
     sizes = [padded_rows(n) for n in range(1, 4097)]
     assert all(p >= n for n, p in zip(range(1, 4097), sizes))
@@ -154,8 +155,8 @@ def test_padded_row_counts_are_few_and_close():
 
 
 def test_kernel_warm_up_writes_only_the_scratch_slot():
-    from engine.model.kv_pool import KVPool
-    from engine.runner import ModelRunner, padded_rows
+    from diffuserve.engine.model.kv_pool import KVPool
+    from diffuserve.engine.runner import ModelRunner, padded_rows
 
     model = random_model(small_spec("llada"), seed=6, dtype=torch.float64)
     pool = KVPool.for_requests(model, [30], page_size=8)

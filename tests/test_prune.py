@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import small_spec, write_tokenizer
-from engine.model.saver import random_model, save_checkpoint
-from engine.prune import (PruneConfig, attention_probs, calibrate, measured_sparsity, prunable, prune_mask, run)
+from diffuserve.engine.model.saver import random_model, save_checkpoint
+from diffuserve.tools.prune import (PruneConfig, attention_probs, calibrate, measured_sparsity, prunable, prune_mask,
+                                    run)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "the quick brown fox jumps over the lazy dog, and hello world again. " * 40
@@ -46,7 +47,7 @@ def test_two_four_keeps_the_top_two_of_every_four():
 
 def test_attention_probs_reproduce_the_layers_attention(model_dir):
     """The sink mass is computed from the same attention the forward uses: probs @ v is o_proj's input."""
-    from engine.prune import load
+    from diffuserve.tools.prune import load
 
     model = load(model_dir)
     seen = {}
@@ -69,7 +70,7 @@ def test_attention_probs_reproduce_the_layers_attention(model_dir):
 
 
 def test_wanda_statistic_is_the_input_feature_norm(model_dir):
-    from engine.prune import load
+    from diffuserve.tools.prune import load
 
     model = load(model_dir)
     ids = torch.randint(0, 290, (3, 10), generator=torch.Generator().manual_seed(2))
@@ -85,8 +86,8 @@ def test_wanda_statistic_is_the_input_feature_norm(model_dir):
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sink-aware"])
 def test_pruned_checkpoint_has_the_sparsity_and_serves(model_dir, tmp_path, method):
-    from engine.decoding import DecodeOptions
-    from engine.llm import LLM
+    from diffuserve.engine.decoding import DecodeOptions
+    from diffuserve.engine.llm import LLM
 
     cfg = PruneConfig(sparsity=0.5, method=method, samples=4)
     report = run(model_dir, tmp_path / "pruned", cfg, calib=str(model_dir / "calib.txt"))
@@ -104,18 +105,18 @@ def test_pruned_checkpoint_has_the_sparsity_and_serves(model_dir, tmp_path, meth
 
 
 def test_cli_two_four(model_dir, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "prune", "--model", str(model_dir), "--out",
+    out = subprocess.run([sys.executable, "-m", "diffuserve.tools.cli", "prune", "--model", str(model_dir), "--out",
                           str(tmp_path / "p24"), "--method", "wanda", "--structure", "2:4", "--samples", "2",
                           "--calib", str(model_dir / "calib.txt"), "--quality-n", "0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
     report = json.loads(out.strip().splitlines()[-1])
     assert report["measured_sparsity"] == 0.5
     assert json.loads((tmp_path / "p24" / "prune_report.json").read_text()) == report
-    from engine.prune import load
+    from diffuserve.tools.prune import load
 
     for lin in prunable(load(tmp_path / "p24")).values():
         assert ((lin.weight != 0).view(lin.out_features, -1, 4).sum(-1) == 2).all()
-    bad = subprocess.run([sys.executable, "-m", "engine.cli", "prune", "--model", str(model_dir), "--out",
+    bad = subprocess.run([sys.executable, "-m", "diffuserve.tools.cli", "prune", "--model", str(model_dir), "--out",
                           str(tmp_path / "x"), "--structure", "2:4", "--sparsity", "0.3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "2:4 structure means exactly 50% sparsity" in bad.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.decoding.sampling import (dream_commit_count, factor_select, gumbel_perturb, llada_schedule,
+from diffuserve.engine.decoding.sampling import (dream_commit_count, factor_select, gumbel_perturb, llada_schedule,
                                       sample_tokens, shift_logits, threshold_select, top_k_filter, top_p_filter)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from bench import task_probe
-from engine.train import task_data as tk
+from diffuserve.tools.train import task_data as tk
 
 
 class Oracle:

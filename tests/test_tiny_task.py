@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.decoding import DecodeOptions
-from engine.model.bundled import MODELS_DIR, bundled_names, resolve_model
-from engine.train import task_data as tk
+from diffuserve.engine.decoding import DecodeOptions
+from diffuserve.engine.model.bundled import MODELS_DIR, bundled_names, resolve_model
+from diffuserve.tools.train import task_data as tk
 
 pytestmark = pytest.mark.skipif("tiny-task" not in bundled_names(), reason="tiny-task is not in this checkout")
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ PROMPT_41 = " ".join(["count", "down", "from", *tk.num(41)])  # "count down from
 
 @pytest.fixture(scope="module")
 def llm():
-    from engine.llm import LLM
+    from diffuserve.engine.llm import LLM
 
     return LLM("tiny-task")
 
@@ -64,8 +64,8 @@ def test_the_window_serving_mode_answers_too(llm):
 
 
 def test_diffuserve_generate_answers_a_task_prompt():
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", "tiny-task", "--chat", "--prompt",
-                          PROMPT_41, "--gen-length", "256", "--steps", "256", "--block-length",
+    out = subprocess.run([sys.executable, "-m", "diffuserve.tools.cli", "generate", "--model", "tiny-task", "--chat",
+                          "--prompt", PROMPT_41, "--gen-length", "256", "--steps", "256", "--block-length",
                           "32", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
     data = json.loads(out.strip().splitlines()[-1])
     assert tk.check_count(PROMPT_41.split(), data["text"].split()), data["text"]
@@ -88,9 +88,9 @@ def test_bench_quality_vanilla_decodes_in_blocks_of_32_by_default(capsys):
 
 
 def test_auto_dtype_is_the_checkpoints_stored_dtype(monkeypatch):
-    from engine.model.loader import resolve_dtype
+    from diffuserve.engine.model.loader import resolve_dtype
 
-    monkeypatch.setattr("engine.model.loader.native_bf16", lambda: True)
+    monkeypatch.setattr("diffuserve.engine.model.loader.native_bf16", lambda: True)
     assert resolve_dtype(resolve_model("tiny-task"), "auto") == torch.bfloat16  # config.json torch_dtype
     assert resolve_dtype(resolve_model("tiny-task"), "float32") == torch.float32
 
@@ -100,7 +100,7 @@ def test_tiny_task_ar_verifies_tiny_task_drafts(llm):
     """The shipped verifier shares tiny-task's token ids, loads as a transformers causal LM, and guided decoding
     with it is exactly its greedy continuation, which answers the count prompt right, in fewer diffusion forwards
     than tokens (the drafts are mostly accepted)."""
-    from engine.model.causal import load_verifier
+    from diffuserve.engine.model.causal import load_verifier
 
     ar = MODELS_DIR / "tiny-task-ar"
     assert (ar / "tokenizer.json").read_bytes() == (MODELS_DIR / "tiny-task" / "tokenizer.json").read_bytes()

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import small_spec
-from engine.model import load_model
-from engine.model.saver import random_model, save_checkpoint
-from engine.train import task_data as tk
-from engine.train.objective import corrupt, elbo, masked_diffusion_loss
-from engine.train.trainer import TrainConfig, train
+from diffuserve.engine.model import load_model
+from diffuserve.engine.model.saver import random_model, save_checkpoint
+from diffuserve.tools.train import task_data as tk
+from diffuserve.tools.train.objective import corrupt, elbo, masked_diffusion_loss
+from diffuserve.tools.train.trainer import TrainConfig, train
 
 
 def _batches(step: int):
@@ -124,7 +124,7 @@ def test_a_causal_lm_trains_and_resumes_through_the_same_loop(tmp_path):
     """The guided verifiers' recipe: transformers' Llama (tied embeddings) through train(loss_fn=causal_loss)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.train.tiny_ar import causal_loss
+    from diffuserve.tools.train.tiny_ar import causal_loss
 
     cfg = LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, intermediate_size=64, tie_word_embeddings=True)

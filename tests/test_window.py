@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import PARITY
-from engine import offline
-from engine.decoding import DecodeOptions, get_method
-from engine.decoding.window import WindowDecoder, WindowPhase
-from engine.model import ForwardBatch, load_model
+from diffuserve.engine import offline
+from diffuserve.engine.decoding import DecodeOptions, get_method
+from diffuserve.engine.decoding.window import WindowDecoder, WindowPhase
+from diffuserve.engine.model import ForwardBatch, load_model
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_eos_early_exit_fills_the_tail_and_stops(model):
 def test_with_a_threshold_a_stalled_frontier_commits_after_stall_steps(model):
     """Free choices (flat confidence) at the left must not wait while a sure token enters on the right every step:
     after STALL_STEPS steps that commit none of the first FRONTIER masks, the most confident of them commits."""
-    from engine.decoding.window import FRONTIER, STALL_STEPS
+    from diffuserve.engine.decoding.window import FRONTIER, STALL_STEPS
 
     dec = WindowDecoder(model.spec, torch.tensor(_prompts(1)[:1]), DecodeOptions(gen_length=32, threshold=0.9), None)
     plan = dec.plan().segments[0]

@@ -31,20 +31,13 @@ import numpy as np
 import torch
 
 from ..model import LLADA
-from ..model.causal import new_cache, verifier_vocab
+from ..model.causal import keep, new_cache, verifier_vocab
 from .registry import check, register
 from .sampling import argmax, gumbel_perturb
 from .step import LoopState, StepPlan, StepResult, Verify, segment
 
 DEFAULT_WINDOW = 128  # drafted positions after the first mask (the authors' sliding_window_size)
 VERIFY_CHUNK = 32  # drafts one verifier forward checks (the authors' verify_batch_size)
-
-
-def _keep(cache, n: int) -> None:
-    """Crop the causal cache to its first n tokens (a prefix of the committed sequence)."""
-    cached = cache.get_seq_length()
-    if cached > n:
-        cache.crop(n - cached)  # a negative count removes tokens in every transformers version
 
 
 @register("guided", LLADA, "Guided diffusion: diffusion drafts, a small causal LM verifies left to right")
@@ -88,10 +81,10 @@ class Guided(LoopState):
         out: list[int] = []
         while len(out) < len(drafts):
             chunk = drafts[len(out):len(out) + VERIFY_CHUNK]
-            _keep(cache, f + len(out) - 1)  # the cache must end right before the last committed token
+            keep(cache, f + len(out) - 1)  # the cache must end right before the last committed token
             known = seq[:f] + out
             feed = known[cache.get_seq_length():] + chunk[:-1]
-            result = yield StepPlan(verify=Verify(model=self.opts.verifier, cache=cache, feed=feed))
+            result = yield StepPlan(verify=Verify(self.opts.verifier, cache, feed, cache.get_seq_length()))
             self.info["verifier_calls"] += 1
             preds = result.verified.tolist()[-len(chunk):]  # preds[j] is the verifier's token for chunk[j]
             for d, p in zip(chunk, preds):

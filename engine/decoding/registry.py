@@ -39,8 +39,8 @@ class DecodeOptions:
     # window_size means different things to two references, so each method supplies its own default for None:
     # window_llada: the refresh period when refresh_cycle is None (5); streaming: kept suffix positions (32).
     window_size: int | None = None
-    window_tokens: int = 64  # LLaDA: outer window, counted in masks (fixed for a phase)
-    active_tokens: int = 8  # LLaDA: active window, counted in masks (recomputed every step)
+    window_tokens: int = 64  # window_llada, window: outer window, counted in masks (fixed for a phase)
+    active_tokens: int = 8  # window_llada, window: active window, counted in masks (recomputed every step)
     o_win_size: int = 9  # Dream: outer window = the prefix through the (o_win_size - 1)-th mask
     i_win_size: int = 5  # Dream: inner window = first mask up to the (i_win_size + 1)-th mask
     slide_window: bool = False  # Dream: pruned steps move the inner window's end with the remaining masks

@@ -54,8 +54,9 @@ class Verify:
     """A causal LM pass: feed tokens after those in `cache` -> the greedy next token after each fed token."""
 
     model: str  # the verifier's name (a directory or bundled model), loaded once by the runner
-    cache: object  # the request's own causal K/V cache (transformers DynamicCache); the state crops it
+    cache: object  # the request's own causal K/V cache (transformers DynamicCache)
     feed: list[int]
+    cached: int  # tokens the cache holds before this pass (the runner crops to it first: a retry is idempotent)
 
 
 @dataclass
@@ -129,6 +130,8 @@ class DecodeState:
         return rows * canvas
 
     def plan(self) -> StepPlan:
+        """The next step's plan. Idempotent until commit: a request left out of a step (row budget) or retried
+        alone after a failed batch is asked again, or given the same plan twice."""
         raise NotImplementedError
 
     def commit(self, plan: StepPlan, result: StepResult) -> None:

@@ -127,8 +127,11 @@ class WindowDecoder(DecodeState):
         if self.shifted:
             # Row p - 1 predicts p: compute it too. It is in the window (decoded, the prompt, or an earlier mask
             # of the first W), so the pruned step's keys already hold it.
-            pos = np.union1d(pos, self.targets - 1)
-            rows = np.searchsorted(pos, self.targets - 1)
+            # (A decoded p - 1 outside the active set gets K/V from this pruned context until the next refresh.
+            # A mask at position 0, possible only inside a prompt, is read from row 0, as Dream's shift does.)
+            before = np.maximum(self.targets - 1, 0)
+            pos = np.union1d(pos, before)
+            rows = np.searchsorted(pos, before)
         else:
             rows = np.searchsorted(pos, self.targets)
         return StepPlan([segment(self.xn[pos], pos, keys, canvas=n, logits_rows=rows,

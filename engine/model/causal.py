@@ -47,6 +47,13 @@ def verifier_vocab(name: str) -> int:
     return AutoConfig.from_pretrained(resolve_model(name)).vocab_size
 
 
+def keep(cache, n: int) -> None:
+    """Crop a causal cache to its first n tokens (a prefix of the committed sequence)."""
+    cached = cache.get_seq_length()
+    if cached > n:
+        cache.crop(n - cached)  # a negative count removes tokens in every transformers version
+
+
 def new_cache():
     from transformers import DynamicCache
 

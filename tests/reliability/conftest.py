@@ -27,7 +27,7 @@ _LLM = {}
 def tiny_text():
     """tiny-text's tokenizer and spec, loaded once (the fake runner never runs its weights)."""
     if "llm" not in _LLM:
-        from engine.llm import LLM
+        from diffuserve.engine.llm import LLM
 
         _LLM["llm"] = LLM("tiny-text")
     return _LLM["llm"]
@@ -70,13 +70,13 @@ def free_port() -> int:
 @contextlib.contextmanager
 def fake_server(delay: float = 0.005, fault_token: int | None = None, fault_after: int = 0, length: int = 40,
                 **overrides):
-    from engine.config import build_config
-    from engine.engine import AsyncEngine, Engine
+    from diffuserve.engine.config import build_config
+    from diffuserve.engine.engine import AsyncEngine, Engine
     from fake_runner import FakeModel, FakeRunner
-    from engine.metrics import Metrics
-    from engine.model.kv_pool import KVPool
-    from engine.scheduler import Limits, Scheduler
-    from server.routes import create_app
+    from diffuserve.engine.metrics import Metrics
+    from diffuserve.engine.model.kv_pool import KVPool
+    from diffuserve.engine.scheduler import Limits, Scheduler
+    from diffuserve.server.routes import create_app
 
     llm = tiny_text()
     words = llm.encode(SCRIPT_TEXT)
@@ -99,7 +99,7 @@ def serving(app, cfg, engine):
     """uvicorn serving `app` in a thread, with `diffuserve serve`'s settings; stops it and the engine after."""
     import uvicorn
 
-    from server.app import uvicorn_config
+    from diffuserve.server.app import uvicorn_config
 
     srv = uvicorn.Server(uvicorn_config(app, cfg, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

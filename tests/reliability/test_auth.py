@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-import server.errors as errors
+import diffuserve.server.errors as errors
 
 from .conftest import fake_server
 from .ledger import figure
@@ -63,7 +63,7 @@ def test_cors_preflight_only_for_configured_origins(keyed):
 
 
 def test_keys_are_compared_as_digests_in_constant_time(monkeypatch):
-    from engine.config import build_config
+    from diffuserve.engine.config import build_config
 
     calls = []
     real = errors.hmac.compare_digest

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from server.lifecycle import Lifecycle, Phase
+from diffuserve.server.lifecycle import Lifecycle, Stage
 
 from .conftest import SCRIPT_TEXT, fake_server, tiny_text
 from .ledger import figure
@@ -70,7 +70,7 @@ def test_a_fatal_fault_stops_the_engine_and_the_watchdog_the_server():
         s.runner.fatal_token = fatal
         life, stopped = Lifecycle(), threading.Event()
         life.engine = s.engine
-        life.to(Phase.READY)
+        life.to(Stage.READY)
         life.watch(stopped.set, grace_s=0.5, every_s=0.05)
         results = {}
 
@@ -89,6 +89,6 @@ def test_a_fatal_fault_stops_the_engine_and_the_watchdog_the_server():
         assert not s.engine.alive and httpx.get(s.base + "/health").status_code == 503
         late = httpx.post(s.base + "/v1/completions", json={"prompt": "ROMEO.\n", "max_tokens": 4})
         assert late.status_code == 503 and late.headers.get("retry-after")
-        assert stopped.wait(5) and life.phase is Phase.DEAD
+        assert stopped.wait(5) and life.stage is Stage.DEAD
         assert s.pool.pages_in_use == 0
     figure("fatal_fault", requests_failed=len(results), health=503, watchdog_stopped=1, kv_pages_left=0)

@@ -36,7 +36,7 @@ def config(tmp_path, **engine) -> str:
 
 def spawn(*args: str, env: dict | None = None):
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", *args], cwd=REPO, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "diffuserve.tools.cli", "serve", *args], cwd=REPO, stdout=log,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     return proc, log
 
@@ -196,7 +196,7 @@ def test_health_and_readiness_states(tmp_path):
 
 def test_secure_defaults():
     """No flags: loopback only; no pickle or torch.load anywhere a request could reach; /docs can be turned off."""
-    from engine.config import build_config
+    from diffuserve.engine.config import build_config
 
     cfg = build_config(None)
     assert cfg.server.host == "127.0.0.1" and cfg.server.api_key is None and not cfg.server.cors_origins

@@ -38,8 +38,8 @@ from schemathesis.checks import (
 )
 from schemathesis.errors import FailureGroup
 
-from server.openapi import ChatCompletionChunk, CompletionChunk, ErrorResponse
-from server.protocol import ChatRequest, CompletionRequest
+from diffuserve.server.openapi import ChatCompletionChunk, CompletionChunk, ErrorResponse
+from diffuserve.server.protocol import ChatRequest, CompletionRequest
 
 from .conftest import fake_server
 from .ledger import figure, rss_mb

@@ -351,10 +351,10 @@ POISON = [  # raw bodies aimed at the paths a bad input could corrupt: tokenizer
 @pytest.fixture(scope="module")
 def real_server():
     """The real tiny-text model behind the real app, built as `diffuserve serve` builds it (one torch thread)."""
-    from engine.config import build_config
-    from engine.metrics import Metrics
-    from server.app import build_engine
-    from server.routes import create_app
+    from diffuserve.engine.config import build_config
+    from diffuserve.engine.metrics import Metrics
+    from diffuserve.server.app import build_engine
+    from diffuserve.server.routes import create_app
 
     cfg = build_config(None, model__path="tiny-text", server__port=free_port(), engine__max_running=4,
                        engine__threads=1, engine__kv_cache_mb=32)

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..model import DiffusionLM
-from ..model.loader import native_bf16  # noqa: F401  (the recipes' autocast switch, re-exported)
+from diffuserve.engine.model import DiffusionLM
+from diffuserve.engine.model.loader import native_bf16  # noqa: F401  (the recipes' autocast switch, re-exported)
 from .objective import masked_diffusion_loss
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..model.bundled import MODELS_DIR
+from diffuserve.engine.model.bundled import MODELS_DIR
 from . import text_data as td
 from .tiny_text import SEQ_LEN, VOCAB, encode_corpus
 from .trainer import TrainConfig, config_dict, native_bf16, train
@@ -98,7 +98,7 @@ def run_task(out: Path, work: Path, steps: int, seed: int = 0) -> dict:
         return {"heldout_answer_nll_nats_per_token": round(float(causal_loss(model, ids, region)), 4)}
 
     card = CardText(title="tiny-task-ar", of="tiny-task", data="The same synthetic tasks as tiny-task's "
-                    "(engine/train/task_data.py), drawn afresh every step.",
+                    "(tools/train/task_data.py), drawn afresh every step.",
                     command=f"diffuserve train task-ar --out {out} --steps {steps}")
     batches = tk.TaskBatches(TOKENS_PER_STEP, seed=seed, split=0.0)  # causal: every answer token is in the loss
     return _train(out, work, steps, seed, batches, evaluate, tok_dir, True, card)
@@ -116,7 +116,7 @@ def _train(out: Path, work: Path, steps: int, seed: int, batches, evaluate, toke
     model.to(torch.bfloat16).save_pretrained(out)
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir / name, out / name)
-    record = {"recipe": "engine.train.tiny_ar", "train_config": config_dict(cfg),
+    record = {"recipe": "diffuserve.tools.train.tiny_ar", "train_config": config_dict(cfg),
               "params": sum(p.numel() for p in model.parameters()), "wall_time_s": round(time.monotonic() - t0),
               "log": log, "scores": evaluate(model.float()), **extra}
     (out / "train_log.json").write_text(json.dumps(record, indent=1))

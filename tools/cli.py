@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import fields
 
-from .decoding import METHODS, DecodeOptions
+from diffuserve.engine.decoding import METHODS, DecodeOptions
 
 _BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
@@ -52,7 +52,7 @@ def decoding_options(args: argparse.Namespace) -> DecodeOptions:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .llm import LLM
+    from diffuserve.engine.llm import LLM
 
     llm = LLM(args.model, args.dtype, args.device)
     if args.prompt_ids:
@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .model.bundled import resolve_model
+    from diffuserve.engine.model.bundled import resolve_model
     from .prune import PruneConfig, decoded_quality, run
 
     src, out = Path(resolve_model(args.model)), Path(args.out)
@@ -131,7 +131,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import serve
+    from diffuserve.server.app import serve
 
     return serve(args)
 
@@ -201,7 +201,7 @@ def _pin_cpu_kernels(argv: list[str]) -> None:
     if "ATEN_CPU_CAPABILITY" in os.environ or "--native-cpu" in argv:
         return
     os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
-    os.execv(sys.executable, [sys.executable, "-m", "engine.cli", *argv])
+    os.execv(sys.executable, [sys.executable, "-m", "diffuserve.tools.cli", *argv])
 
 
 def main(argv: list[str] | None = None) -> int:

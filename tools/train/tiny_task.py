@@ -1,7 +1,8 @@
 """Training recipe of the bundled `tiny-task` model (LLaDA layout) on long-answer synthetic tasks.
 
     diffuserve train task --out models/tiny-task [--steps N] [--work DIR]
-    python -m engine.train.tiny_task --card models/tiny-task --quality QUALITY.json [--quality-float32 Q32.json]
+    python -m diffuserve.tools.train.tiny_task --card models/tiny-task --quality QUALITY.json \
+        [--quality-float32 Q32.json]
         [--rerun DIR]
         # the card, with bench.quality's report and a from-scratch rerun of the training command
 """
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..model import ForwardBatch, ModelSpec
-from ..model.saver import random_model, save_checkpoint
+from diffuserve.engine.model import ForwardBatch, ModelSpec
+from diffuserve.engine.model.saver import random_model, save_checkpoint
 from . import task_data as tk
 from .trainer import TrainConfig, config_dict, native_bf16, train
 
@@ -62,7 +63,7 @@ def run(out: Path, work: Path, steps: int, seed: int = 0) -> dict:
     save_checkpoint(model, out, torch.bfloat16)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (out / name).write_bytes((tok_dir / name).read_bytes())
-    record = {"recipe": "engine.train.tiny_task", "train_config": config_dict(cfg),
+    record = {"recipe": "diffuserve.tools.train.tiny_task", "train_config": config_dict(cfg),
               "tokens_per_step": TOKENS_PER_STEP, "params": sum(p.numel() for p in model.parameters()),
               "autocast_bf16": native_bf16(), "wall_time_s": round(time.monotonic() - t0), "log": log}
     (out / "train_log.json").write_text(json.dumps(record, indent=1))
@@ -70,7 +71,7 @@ def run(out: Path, work: Path, steps: int, seed: int = 0) -> dict:
     return record
 
 
-DATA_NOTE = ("Synthetic chat tasks generated on the fly (`engine/train/task_data.py`), a fresh draw every step; the "
+DATA_NOTE = ("Synthetic chat tasks generated on the fly (`tools/train/task_data.py`), a fresh draw every step; the "
              "held-out set is a separately seeded draw. Numbers 0..419 are four residue tokens, mod 7, 5, 4 and 3 "
              "(47 is \"w5 x2 y3 z2\"), so counting down has no borrow. "
              "`count` (deterministic, exact match): \"count down from A\" -> \"A , A-1 , ... , 0\", 5 to 204 "

@@ -21,13 +21,13 @@ from typing import Callable
 
 import torch
 
-from . import offline
-from .decoding import METHODS, DecodeOptions
-from .engine import Engine
-from .model import DTYPES, DiffusionLM, load_model
-from .model.kv_pool import KVPool
-from .runner import ModelRunner
-from .scheduler import Limits, Scheduler
+from diffuserve.engine import offline
+from diffuserve.engine.decoding import METHODS, DecodeOptions
+from diffuserve.engine.engine import Engine
+from diffuserve.engine.model import DTYPES, DiffusionLM, load_model
+from diffuserve.engine.model.kv_pool import KVPool
+from diffuserve.engine.runner import ModelRunner
+from diffuserve.engine.scheduler import Limits, Scheduler
 
 # Reference keyword -> our option name. Keys mapped to None are output plumbing with no effect on tokens.
 _RENAMES = {"max_new_tokens": "gen_length", "mask_id": None, "output_history": None,
@@ -156,7 +156,7 @@ def run_engine(cases: list[dict], family: str, model: DiffusionLM, run: EngineRu
     for case, outs, req in reqs:
         last = outs[-1] if outs else None
         if last is None or last.error is not None or req.kept is None:
-            detail = f"error: {'no output' if last is None else last.error}"
+            detail = f"error: {'no output' if last is None else last.error or 'no decoding state'}"
         else:
             res = req.kept.result()
             detail = check_result(case, res.ids.tolist(), res.forward_calls, res.refresh_calls)

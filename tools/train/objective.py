@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model import DiffusionLM, ForwardBatch
+from diffuserve.engine.model import DiffusionLM, ForwardBatch
 
 
 def corrupt(ids: torch.Tensor, region: torch.Tensor, mask_id: int, gen: torch.Generator, eps: float = 1e-3,

