@@ -116,7 +116,7 @@ def prompts_for(llm, name: str, n: int, batch: int, gen: int = 1024) -> list[tup
     the tasks take turns group by group (batch 1: count, sentences, count, ...), and only examples whose answer and
     one EOS fit `gen` positions are used: a longer one cannot be right on that canvas."""
     if name == "tiny-task":
-        from bench.quality import task_prompts
+        from diffuserve.tools.evaluate import task_prompts
 
         # task -> prompt length -> prompts: a batch of the reference loops needs equal prompt lengths, and a task's
         # prompts share one length ("count down from" and four residue tokens)

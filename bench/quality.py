@@ -22,8 +22,7 @@ import torch
 from diffuserve.tools.cli import add_decoding_flags, decoding_options
 from diffuserve.engine.decoding import DecodeOptions
 from diffuserve.engine.llm import LLM
-# (task_prompts: bench.decode imports it from here)
-from diffuserve.tools.evaluate import canvas_for, eval_task, task_prompts  # noqa: F401
+from diffuserve.tools.evaluate import eval_task
 
 VANILLA = {"llada": "llada", "dream": "dream"}
 # vanilla on tiny-task without --block-length: semi-autoregressive blocks of 32, the setting of LLaDA's own example

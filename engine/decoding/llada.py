@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..model import LLADA
 from .registry import DecodeOptions, check, register
 from .sampling import argmax, gumbel_perturb, llada_schedule, random_confidence, top_k_select
-from .step import LoopState, StepPlan, StepResult, full_plan, new_canvas  # noqa: F401  (new_canvas: re-exported)
+from .step import LoopState, StepPlan, StepResult, full_plan
 
 
 def block_plan(opts: DecodeOptions) -> tuple[int, int, int]:
