@@ -191,11 +191,8 @@ def run_engine(llm, method: str, opts: DecodeOptions, group, row: Row) -> None:
     """B concurrent requests of any method through the serving engine, as the server runs them."""
     import threading
 
-    from diffuserve.engine.engine import Engine
-    from diffuserve.engine.model.kv_pool import KVPool
     from diffuserve.engine.request import Request
-    from diffuserve.engine.runner import ModelRunner
-    from diffuserve.engine.scheduler import Limits, Scheduler
+    from diffuserve.engine.scheduler import Limits
 
     reqs, left, done = [], [len(group)], threading.Event()
     texts, tokens = defaultdict(str), {}
@@ -211,28 +208,27 @@ def run_engine(llm, method: str, opts: DecodeOptions, group, row: Row) -> None:
     for i, (ids, _) in enumerate(group):
         reqs.append(Request(f"bench-{i}", ids, method_of(llm, method), opts, i, sink, llm.tokenizer,
                             llm.spec.stop_ids, llm.spec.mask_id))
-    # A pool just big enough for this group: zero-filling a fixed 2 GiB pool took about a second per call, and a
-    # sweep's many engines held many of them until the cycle collector ran.
-    pool = KVPool.for_requests(llm.model, [r.capacity for r in reqs])
-    engine = Engine(llm.model, Scheduler(Limits(), pool), ModelRunner(llm.model, pool))
+    # A pool just big enough for this group (a sweep's many engines held many fixed 2 GiB pools until the cycle
+    # collector ran), the server's limits.
+    engine = offline.engine_for(llm.model, reqs, Limits())
     with RowCounter(llm.model) as rc:
         t0 = time.perf_counter()
-        for r in reqs:
-            engine.submit(r)
-        while not done.is_set():  # driven here, synchronously: no thread hand-off in the timing
-            engine.step()
+        offline.run_to_idle(engine)  # driven here, synchronously: no thread hand-off in the timing
         row.wall_s += time.perf_counter() - t0
+    assert done.is_set()
     row.forward_passes += rc.calls  # model forwards (a verifier-only step of `guided` makes none)
     row.query_rows += rc.rows
     for r, (_, ex) in zip(reqs, group):
         assert r.phase.value == "finished", (r.request_id, r.phase)
         tally(row, tokens[r.request_id], texts[r.request_id], ex)
-    assert pool.pages_in_use == 0, "a finished request kept KV pages"
+    assert engine.scheduler.pool.pages_in_use == 0, "a finished request kept KV pages"
 
 
 def options_for(model: str, method: str, gen: int, overrides: dict | None = None) -> DecodeOptions | None:
     # overrides (from --window) go on top of the method's table entry; the table itself stays as defined
-    opts = DecodeOptions(gen_length=gen, steps=gen, **{**METHOD_OPTIONS[method], **(overrides or {})})
+    m = METHODS["llada" if method == "vanilla" else method]  # every model here is of the LLaDA family
+    steps = {"steps": gen} if "steps" in m.options.field_names() else {}  # guided has no step budget
+    opts = m.make_options({"gen_length": gen, **steps, **METHOD_OPTIONS[method], **(overrides or {})})
     if method != "guided":
         return opts
     from diffuserve.engine.model.bundled import bundled_names
@@ -336,13 +332,17 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
 
 
 def parse_options(text: str) -> dict:
-    """'threshold=0.9,active_tokens=8,refresh=full' -> DecodeOptions fields with their annotated types."""
-    from diffuserve.tools.cli import _field_type
+    """'threshold=0.9,active_tokens=8,refresh=full' -> the window method's options with their declared types."""
+    from diffuserve.tools.cli import _parse_bool
 
-    out = {}
+    out, cls = {}, METHODS["window"].options
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        out[key] = _field_type(key)(value)
+        if key not in cls.field_names():
+            raise SystemExit(f"--window: method 'window' has no option {key!r}; its options: "
+                             f"{', '.join(sorted(cls.field_names()))}")
+        kind = cls.field_type(key)
+        out[key] = _parse_bool(value) if kind is bool else kind(value)
     return out
 
 
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="every method runs in this dtype (bfloat16: about 5x faster forwards on CPUs with AMX)")
     ap.add_argument("--window", metavar="K=V,...", help="override our window mode's options, e.g. "
-                    "threshold=0.9,active_tokens=8 (DecodeOptions field names)")
+                    "threshold=0.9,active_tokens=8 (WindowOptions field names)")
     ap.add_argument("--json", help="write the rows as JSON here")
     ap.add_argument("--md", help="write the markdown table here")
     ap.add_argument("--plot", help="write decode_speedup.png and decode_quality.png into this directory")

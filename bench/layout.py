@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = build_config(model__path=args.model)  # what `diffuserve serve MODEL` runs: its options and dtype
     llm = LLM(args.model, cfg.model.dtype)
-    opts = cfg.decoding.options.with_(gen_length=args.gen, steps=args.gen)
+    name = cfg.decoding.default_method(llm.spec.family)
+    opts = cfg.decoding.options_for(get_method(name), name).with_(gen_length=args.gen, steps=args.gen)
     print(f"{args.model} {llm.model.dtype}, {opts}", file=sys.stderr)
     one_round(llm, "packed", 2, opts, 0)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in LAYOUTS}

@@ -21,6 +21,7 @@ import torch
 
 from diffuserve.tools.cli import add_decoding_flags, decoding_options
 from diffuserve.engine.decoding import DecodeOptions
+from diffuserve.engine.decoding.options import carried
 from diffuserve.engine.llm import LLM
 from diffuserve.tools.evaluate import eval_task
 
@@ -48,7 +49,8 @@ def eval_text(llm: LLM, method: str, opts: DecodeOptions, n: int, seed: int) -> 
     for i in range(n):
         ids = llm.encode(TEXT_PROMPTS[i % len(TEXT_PROMPTS)])
         out = llm.generate(ids, method, opts, seed=seed + i)
-        ref = llm.generate(ids, vanilla, opts.with_(threshold=None), seed=seed + i) if method != vanilla else out
+        ref = llm.generate(ids, vanilla, carried(opts, llm.method(vanilla).options),
+                           seed=seed + i) if method != vanilla else out
         agree += sum(a == b for a, b in zip(out.canvas_ids, ref.canvas_ids))
         compared += len(out.canvas_ids)
         seq = torch.tensor([ids + out.canvas_ids])
@@ -74,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(args.model, args.dtype)
     vanilla = args.method in (None, "vanilla")
     method = VANILLA[llm.spec.family] if vanilla else args.method
-    opts = decoding_options(args)
-    if vanilla and is_task_model(llm) and opts.block_length is None:
-        opts = opts.with_(block_length=TASK_VANILLA_BLOCK)
+    given = decoding_options(args)
+    if vanilla and is_task_model(llm) and given.get("block_length") is None:
+        given["block_length"] = TASK_VANILLA_BLOCK
+    opts = llm.method(method).make_options(given)
     t0 = time.monotonic()
     if is_task_model(llm):
         scores = eval_task(llm, method, opts, args.n, args.seed, fixed_canvas=args.opt_gen_length is not None)

@@ -18,16 +18,16 @@ import json
 import sys
 
 from bench.decode import Row, load, prompts_for, run_engine
-from diffuserve.engine.decoding import DecodeOptions
+from diffuserve.engine.decoding.window import WindowOptions
 
 
-def settings(windows, actives, refreshes, gen: int) -> list[DecodeOptions]:
-    return [DecodeOptions(gen_length=gen, steps=gen, window_tokens=w, active_tokens=a, refresh_cycle=r,
+def settings(windows, actives, refreshes, gen: int) -> list[WindowOptions]:
+    return [WindowOptions(gen_length=gen, steps=gen, window_tokens=w, active_tokens=a, refresh_cycle=r,
                           eos_early_exit=True)
             for w, a, r in itertools.product(windows, actives, refreshes) if a <= w]
 
 
-def speed(llm, name: str, opts: DecodeOptions, batch: int) -> tuple[Row, Row]:
+def speed(llm, name: str, opts: WindowOptions, batch: int) -> tuple[Row, Row]:
     """One round: every prompt alone, then `batch` requests at once (the prompt list repeated to fill it)."""
     if name == "tiny-text":  # eight different openings (bench.decode repeats one, for equal-length batches)
         from bench.quality import TEXT_PROMPTS
@@ -42,7 +42,7 @@ def speed(llm, name: str, opts: DecodeOptions, batch: int) -> tuple[Row, Row]:
     return one, many
 
 
-def quality(llm, opts: DecodeOptions, n: int) -> dict:
+def quality(llm, opts: WindowOptions, n: int) -> dict:
     from bench.quality import eval_task, eval_text, is_task_model
 
     if is_task_model(llm):
@@ -52,7 +52,7 @@ def quality(llm, opts: DecodeOptions, n: int) -> dict:
     return {"agreement": scores["agreement_with_vanilla"], "elbo": scores["elbo_nats_per_token"]}
 
 
-def sweep(name: str, grid: list[DecodeOptions], batch: int, rounds: int, n: int, out=sys.stderr) -> list[dict]:
+def sweep(name: str, grid: list[WindowOptions], batch: int, rounds: int, n: int, out=sys.stderr) -> list[dict]:
     llm = load(name)
     speed(llm, name, grid[0], batch)  # warm-up: first-call allocations and thread pools
     best: dict[int, tuple[float, float, Row, Row]] = {}

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
-from .decoding import METHODS, DecodeOptions
+from .decoding import METHODS, DecodeOptions, Method
 from .model import DTYPES
 from .model.loader import AUTO
 from .model.bundled import DEFAULT_MODEL, MODELS_DIR, bundled_names, resolve_model
@@ -30,8 +32,47 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DecodingConfig:
-    method: str | None = None  # None: the reference sampler of the model's family
-    options: DecodeOptions = field(default_factory=DecodeOptions)
+    """Each method reads its own options (decoding.options): `options` are the default method's, by name (the ones
+    every method reads, gen_length and temperature, are every method's defaults); `methods` holds other methods'
+    options, used when a request names one, e.g. {"guided": {"verifier": "tiny-task-ar"}}."""
+
+    method: str | None = None  # None: the serving default of the model's family (SERVING_METHOD)
+    options: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+    methods: Mapping[str, Mapping[str, object]] = field(default_factory=lambda: MappingProxyType({}))
+
+    def default_method(self, family: str) -> str:
+        return self.method or SERVING_METHOD[family]
+
+    def options_for(self, method: Method, default: str) -> DecodeOptions:
+        """`method`'s configured options (its declared defaults where nothing is configured); `default` names the
+        default method, the one `options` belong to."""
+        own = self.options if method.name == default else {
+            k: v for k, v in self.options.items() if k in DecodeOptions.field_names()}
+        return method.make_options({**own, **self.methods.get(method.name, {})})
+
+    def problems(self) -> list[str]:
+        """What is wrong with these options: each configured method's options are built here, once."""
+        if self.method is not None and self.method not in METHODS:
+            return [f"decoding.method {self.method!r} unknown; known: {sorted(METHODS)}"]
+        errors, built = [], []
+        for default in sorted({self.method} if self.method else set(SERVING_METHOD.values())):
+            for name, where in [(default, "decoding.options")] + [(n, f"decoding.methods.{n}") for n in self.methods]:
+                if name not in METHODS:
+                    errors.append(f"{where}: unknown method {name!r}; known: {sorted(METHODS)}")
+                    continue
+                try:
+                    opts = self.options_for(METHODS[name], default)
+                    if METHODS[name].validate is not None:
+                        METHODS[name].validate(opts)
+                    built.append(opts)
+                except (ValueError, TypeError) as exc:
+                    errors.append(f"{where}: {exc}")
+        for verifier in {getattr(o, "verifier", None) for o in built} - {None}:
+            try:
+                resolve_model(verifier)
+            except FileNotFoundError as exc:
+                errors.append(f"verifier: {exc}")
+        return sorted(set(errors))
 
 
 @dataclass(frozen=True)
@@ -79,15 +120,7 @@ class Config:
             errors.append(f"model.dtype must be one of {sorted(DTYPES) + [AUTO]}")
         if self.model.device not in ("cpu", "cuda") and not self.model.device.startswith("cuda:"):
             errors.append("model.device must be cpu or cuda[:N]")
-        if self.decoding.method is not None and self.decoding.method not in METHODS:
-            errors.append(f"decoding.method {self.decoding.method!r} unknown; known: {sorted(METHODS)}")
-        if self.decoding.options.verifier is not None:
-            from .model.bundled import DEFAULT_MODEL, MODELS_DIR, bundled_names, resolve_model
-
-            try:
-                resolve_model(self.decoding.options.verifier)
-            except FileNotFoundError as exc:
-                errors.append(f"decoding.options.verifier: {exc}")
+        errors += self.decoding.problems()
         s = self.server
         if not 0 < s.port < 65536:
             errors.append("server.port must be in 1..65535")
@@ -155,9 +188,10 @@ def build_config(yaml_path: str | None = None, **overrides) -> Config:
         raw["model"]["path"] = resolve_model(raw["model"].get("path"))
     except FileNotFoundError as exc:
         raise ValueError(f"invalid configuration: {exc}") from None
-    opts = dict(raw["decoding"].pop("options", {}) or {})
-    _section(DecodeOptions, opts, "decoding.options")
-    decoding = DecodingConfig(options=DecodeOptions(**opts), **_section(DecodingConfig, raw["decoding"], "decoding"))
+    opts = MappingProxyType(dict(raw["decoding"].pop("options", {}) or {}))
+    per_method = MappingProxyType({name: MappingProxyType(dict(v or {}))
+                                   for name, v in (raw["decoding"].pop("methods", {}) or {}).items()})
+    decoding = DecodingConfig(options=opts, methods=per_method, **_section(DecodingConfig, raw["decoding"], "decoding"))
     return Config(model=ModelConfig(**_section(ModelConfig, raw["model"], "model")), decoding=decoding,
                   server=ServerConfig(**_section(ServerConfig, raw["server"], "server")),
                   engine=EngineConfig(**_section(EngineConfig, raw["engine"], "engine"))).validate()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from .config import DEFAULT_METHOD
 from . import offline
-from .decoding import DecodeOptions, get_method
+from .decoding import DecodeOptions, Method, get_method
 from .detokenizer import Completion, finish
 from .model import DiffusionLM, load_model
 from .model.bundled import resolve_model
@@ -52,16 +53,22 @@ class LLM:
     def default_method(self) -> str:
         return DEFAULT_METHOD[self.spec.family]
 
-    def generate(self, prompt_ids: list[int], method: str | None = None, opts: DecodeOptions | None = None,
-                 seed: int = 0, stop: list[str] | None = None) -> Generation:
-        # "vanilla": the family's reference sampler (llada or dream), the baseline every method is measured against
-        name = self.default_method() if method in (None, "vanilla") else method
-        m = get_method(name)
+    def method(self, name: str | None) -> Method:
+        """A method by name; None or "vanilla": the family's reference sampler (the baseline every method is
+        measured against)."""
+        m = get_method(self.default_method() if name in (None, "vanilla") else name)
         if not m.decodes(self.spec.family):
-            raise ValueError(f"method {name!r} decodes {m.family} models, not {self.spec.family}")
+            raise ValueError(f"method {m.name!r} decodes {m.family} models, not {self.spec.family}")
+        return m
+
+    def generate(self, prompt_ids: list[int], method: str | None = None,
+                 opts: DecodeOptions | Mapping[str, object] | None = None, seed: int = 0,
+                 stop: list[str] | None = None) -> Generation:
+        """opts: the method's options (`get_method(name).options`), or a name -> value mapping of them."""
+        m = self.method(method)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        opts = opts or DecodeOptions()
+        opts = m.make_options(opts)
         if len(prompt_ids) + opts.gen_length > self.spec.max_positions:
             raise ValueError(f"prompt ({len(prompt_ids)}) + gen_length ({opts.gen_length}) exceeds the model's "
                              f"{self.spec.max_positions} positions")
@@ -72,4 +79,4 @@ class LLM:
         wall = time.perf_counter() - t0
         canvas = result.ids[0].tolist()
         done = finish(canvas, self.tokenizer, self.spec.stop_ids, self.spec.mask_id, stop)
-        return Generation(name, list(prompt_ids), canvas, done, result.forward_calls, wall)
+        return Generation(m.name, list(prompt_ids), canvas, done, result.forward_calls, wall)

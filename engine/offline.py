@@ -2,7 +2,8 @@
 
 `generate` is what `LLM.generate`, `diffuserve generate`, the conformance runner and the benchmarks call: the
 request is admitted, stepped (plan -> the runner's batched forward -> commit) and retired by the same `Engine`,
-`Scheduler` and `ModelRunner` the server runs, so there is one generation path.
+`Scheduler` and `ModelRunner` the server runs, so there is one generation path. `engine_for` + `run_to_idle` are
+the same for many requests at once (conformance --engine, bench.decode's batches).
 """
 
 from __future__ import annotations
@@ -28,6 +29,23 @@ class Kept(Request):
         self.kept = self.state
 
 
+def engine_for(model: DiffusionLM, requests: list[Request], limits: Limits | None = None) -> Engine:
+    """An engine over a KV pool just big enough for `requests`, which are submitted (a fixed pool of gigabytes
+    costs about a second of zero-filling per engine). Default limits: all of them running at once."""
+    pool = KVPool.for_requests(model, [r.capacity for r in requests])
+    n = max(1, len(requests))
+    engine = Engine(model, Scheduler(limits or Limits(max_running=n, max_waiting=n), pool), ModelRunner(model, pool))
+    for r in requests:
+        engine.submit(r)
+    return engine
+
+
+def run_to_idle(engine: Engine) -> None:
+    """Step the engine on this thread until every request it holds has finished."""
+    while not engine.scheduler.idle:
+        engine.step()
+
+
 def generate(model: DiffusionLM, method: Method | str, prompt: torch.Tensor, opts: DecodeOptions,
              gen: torch.Generator | None = None) -> DecodeResult:
     """prompt [B, Lp]: one sequence, or a parity case's batch decoded as one state (the reference's own batch)."""
@@ -36,12 +54,7 @@ def generate(model: DiffusionLM, method: Method | str, prompt: torch.Tensor, opt
     outs = []
     req = Kept("offline", rows[0], method, opts, 0, outs.append, batch_prompts=rows if len(rows) > 1 else None,
                 gen=gen)
-    pool = KVPool.for_requests(model, [req.capacity])
-    engine = Engine(model, Scheduler(Limits(max_running=1, max_waiting=1, max_rows_per_step=1 << 30), pool),
-                    ModelRunner(model, pool))
-    engine.submit(req)
-    while not engine.scheduler.idle:
-        engine.step()
+    run_to_idle(engine_for(model, [req], Limits(max_running=1, max_waiting=1, max_rows_per_step=1 << 30)))
     last = outs[-1] if outs else None
     if last is None or last.error is not None:
         err = "no output" if last is None else last.error

@@ -49,7 +49,7 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     method: Method
-    opts: DecodeOptions
+    opts: DecodeOptions  # the method's own options class (Method.options), or a name -> value mapping for it
     seed: int
     sink: Callable[[RequestOutput], None]
     tokenizer: object = None
@@ -74,6 +74,7 @@ class Request:
     gen: torch.Generator | None = None  # its random stream; None: a generator seeded with `seed`
 
     def __post_init__(self):
+        self.opts = self.method.make_options(self.opts)  # a ValueError names an option the method does not read
         self.detok = StreamDetokenizer(self.tokenizer, self.stops)
         if self.gen is None:
             self.gen = torch.Generator().manual_seed(self.seed)

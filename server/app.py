@@ -115,14 +115,15 @@ def _load(cfg, life: Lifecycle, swap: Swap, threads: int | None = None) -> None:
 
 def warm_up(engine, llm, cfg, tokens: int = 4) -> None:
     """One short generation through the engine thread, so the first client does not pay for lazy set-up."""
-    from diffuserve.engine.config import SERVING_METHOD
     from diffuserve.engine.decoding import METHODS
     from diffuserve.engine.request import Request
 
-    method = METHODS[cfg.decoding.method or SERVING_METHOD[llm.spec.family]]
-    base = cfg.decoding.options
-    # A configured block length must divide the short canvas; a method without blocks keeps None.
-    opts = base.with_(gen_length=tokens, steps=tokens, block_length=None if base.block_length is None else tokens)
+    name = cfg.decoding.default_method(llm.spec.family)
+    method = METHODS[name]
+    base = cfg.decoding.options_for(method, name)
+    # A configured block length must divide the short canvas.
+    short = {k: tokens for k in ("steps", "block_length") if getattr(base, k, None) is not None}
+    opts = base.with_(gen_length=tokens, **short)
     done = threading.Event()
     outs = []
 

@@ -2,7 +2,8 @@
 
 Unknown request fields are ignored, as OpenAI does, except the ones we cannot honour (`UNHONOURED`): those get a
 400 that names the field rather than a silently different answer. Diffusion-specific knobs (method, steps,
-block_length, threshold, window sizes, ...) are accepted as extra top-level fields.
+block_length, threshold, window sizes, ...) are accepted as extra top-level fields; each is an option of the
+methods that declare it (decoding.options), and one the chosen method does not read is a 400 naming it (routes).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from diffuserve.engine.config import SERVING_METHOD, Config
+from diffuserve.engine.config import Config
 from diffuserve.engine.decoding import METHODS, DecodeOptions
 from diffuserve.engine.engine import AsyncEngine
 from diffuserve.engine.llm import LLM
@@ -27,8 +27,11 @@ from .errors import APIError, install
 from .protocol import ChatRequest, CompletionRequest, new_id
 from .sse import Choice, Job, error_of, events
 
+# Body fields that are decoding options; each goes to the method's own options, and one the method does not
+# declare is a 400 naming it. OpenAI's own sampling fields at their no-op value are accepted by every method.
 OPTION_FIELDS = ("temperature", "top_p", "steps", "block_length", "threshold", "remasking", "alg", "window_tokens",
                  "active_tokens", "refresh_cycle", "refresh", "eos_early_exit", "early_stop")
+NO_OP = {"top_p": 1.0}
 
 
 class Routes:
@@ -45,7 +48,7 @@ class Routes:
                            "not_found_error", code="model_not_found")
 
     def method(self, req):
-        name = req.method or self.cfg.decoding.method or SERVING_METHOD[self.llm.spec.family]
+        name = req.method or self.cfg.decoding.default_method(self.llm.spec.family)
         m = METHODS.get(name)
         if m is None:
             raise APIError(400, f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}", "method")
@@ -61,7 +64,7 @@ class Routes:
             raise APIError(400, f"logprobs are not available with method {method.name!r}; use 'window'", "logprobs")
 
     def options(self, req, max_tokens: int | None, longest_prompt: int, method) -> DecodeOptions:
-        base = self.cfg.decoding.options
+        base = self.cfg.decoding.options_for(method, self.cfg.decoding.default_method(self.llm.spec.family))
         gen = max_tokens or base.gen_length
         limit = self.llm.spec.max_positions
         if longest_prompt >= limit:
@@ -70,7 +73,12 @@ class Routes:
         if longest_prompt + gen > limit:
             raise APIError(400, f"prompt ({longest_prompt} tokens) + max_tokens ({gen}) exceeds this model's "
                            f"context of {limit} tokens", "max_tokens", code="context_length_exceeded")
-        changes = {k: getattr(req, k) for k in OPTION_FIELDS if getattr(req, k) is not None}
+        declared = method.options.field_names()
+        changes = {k: getattr(req, k) for k in OPTION_FIELDS
+                   if getattr(req, k) is not None and (k in declared or NO_OP.get(k) != getattr(req, k))}
+        for k in sorted(changes.keys() - declared):
+            raise APIError(400, f"method {method.name!r} has no option {k!r}; its options: "
+                                f"{', '.join(sorted(declared & set(OPTION_FIELDS)))}", k)
         if changes.get("steps", 0) > gen:
             raise APIError(400, f"steps ({changes['steps']}) cannot exceed max_tokens ({gen})", "steps")
         opts = base.with_(gen_length=gen, **changes)

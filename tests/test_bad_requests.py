@@ -68,7 +68,11 @@ CASES = [
     ("steps 0", C, body(OK, steps=0), J, 400, "steps"),
     ("steps over max_tokens", C, body(OK, steps=64), J, 400, "steps"),
     ("threshold 2", C, body(OK, threshold=2), J, 400, "threshold"),
-    ("block_length with the window method", C, body(OK, block_length=4), J, 400, None),
+    ("block_length with the window method", C, body(OK, block_length=4), J, 400, "block_length"),
+    ("remasking with the window method", C, body(OK, remasking="random"), J, 400, "remasking"),
+    ("alg with a LLaDA-family method", C, body(OK, method="llada", alg="entropy"), J, 400, "alg"),
+    ("steps with guided (no step budget)", C, body(OK, method="guided", steps=4), J, 400, "steps"),
+    ("top_p below 1 with a method without nucleus sampling", C, body(OK, top_p=0.5), J, 400, "top_p"),
     ("refresh policy unknown", C, body(OK, refresh="sometimes"), J, 400, "refresh"),
     ("logit_bias", C, body(OK, logit_bias={"5": 10}), J, 400, "logit_bias"),
     ("best_of 3", C, body(OK, best_of=3), J, 400, "best_of"),
@@ -110,5 +114,7 @@ def test_bad_requests_get_their_documented_errors(base):
             shape_ok += 1
         good = client.post(C, json=OK)
         assert good.status_code == 200 and good.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        no_op = client.post(C, json=body(OK, top_p=1))  # what many OpenAI clients send: nucleus sampling off
+        assert no_op.status_code == 200, no_op.text[:300]
     print(f"FIGURE bad_inputs_tried={len(CASES)} shape_ok={shape_ok} 5xx={five_xx} server_alive=1")
     assert len(CASES) >= 40

@@ -8,7 +8,6 @@ import re
 import pytest
 
 from conftest import running_server
-from diffuserve.engine.decoding import DecodeOptions
 from diffuserve.engine.model.bundled import MODELS_DIR, bundled_names, resolve_model
 
 pytestmark = pytest.mark.skipif("tiny-text" not in bundled_names(), reason="tiny-text is not in this checkout")
@@ -37,7 +36,7 @@ def test_tiny_text_card_and_size():
 def test_tiny_text_continues_in_the_corpus_style(text_llm):
     """Seeded continuations are made of words the corpus uses (not byte soup) and are deterministic."""
     vocab = set(re.findall(r"[a-z]+", (MODELS_DIR / "tiny-text" / "tokenizer.json").read_text().lower()))
-    opts = DecodeOptions(gen_length=48, steps=48, block_length=16)
+    opts = dict(gen_length=48, steps=48, block_length=16)
     for prompt in ("ROMEO.\n", "KING.\nWhat news"):
         ids = text_llm.encode(prompt)
         a = text_llm.generate(ids, "llada", opts, seed=3)
@@ -51,7 +50,7 @@ def test_tiny_text_continues_in_the_corpus_style(text_llm):
 
 def test_tiny_text_chat_answer_ends_with_eos(text_llm):
     ids = text_llm.encode("Now is the winter of our discontent", chat=True)
-    out = text_llm.generate(ids, "llada", DecodeOptions(gen_length=128, steps=128, block_length=32), seed=0)
+    out = text_llm.generate(ids, "llada", dict(gen_length=128, steps=128, block_length=32), seed=0)
     assert out.completion.finish_reason == "stop" and out.completion.text.strip()
     assert len(out.completion.token_ids) < 128
 
@@ -84,7 +83,7 @@ def test_tiny_text_ar_verifies_tiny_text_drafts(text_llm):
     assert "diffuserve train text-ar" in (ar / "README.md").read_text()
     lm = load_verifier("tiny-text-ar").lm
     ids = text_llm.encode("KING HENRY.\nWhat news from")
-    out = text_llm.generate(ids, "guided", DecodeOptions(gen_length=48, verifier="tiny-text-ar"), seed=0)
+    out = text_llm.generate(ids, "guided", dict(gen_length=48, verifier="tiny-text-ar"), seed=0)
     seq = list(ids)
     with torch.no_grad():
         for _ in range(48):

@@ -35,6 +35,10 @@ def test_generate_rejects_bad_options_cleanly():
     res = _run("generate", "--model", str(PARITY / "llada-tiny" / "model"), "--prompt-ids", "1,2",
                "--gen-length", "10", "--block-length", "3")
     assert res.returncode == 2 and "multiple of block_length" in res.stderr
+    # a flag the method does not read is named, not silently ignored
+    res = _run("generate", "--model", str(PARITY / "llada-tiny" / "model"), "--prompt-ids", "1,2",
+               "--gen-length", "8", "--threshold", "0.9")
+    assert res.returncode == 2 and "method 'llada' has no option 'threshold'" in res.stderr
 
 
 def test_conformance_command_output_and_exit_codes(tmp_path):

@@ -16,7 +16,7 @@ def test_yaml_then_env_then_flags(monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = build_config("configs/llada-tiny.yaml")
     assert cfg.model.served_model_name == "llada-tiny" and cfg.decoding.method == "fast_dllm_prefix"
-    assert cfg.decoding.options.threshold == 0.9 and cfg.server.host == "127.0.0.1"
+    assert cfg.decoding.options["threshold"] == 0.9 and cfg.server.host == "127.0.0.1"
     monkeypatch.setenv("DIFFUSERVE_PORT", "9001")
     cfg = build_config("configs/llada-tiny.yaml", server__port=None)
     assert cfg.server.port == 9001
@@ -65,8 +65,33 @@ def test_a_verifier_that_does_not_resolve_is_named(tmp_path, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  path: tests/fixtures/parity/llada-tiny/model\ndecoding:\n  method: guided\n"
                    "  options:\n    verifier: /nonexistent-ar\n")
-    with pytest.raises(ValueError, match="decoding.options.verifier"):
+    with pytest.raises(ValueError, match="verifier: .*nonexistent-ar"):
         build_config(str(bad))
+
+
+def test_each_method_reads_only_its_own_options(tmp_path, monkeypatch):
+    """decoding.options belong to the default method: a knob it does not read is named at start-up, as is one in
+    another method's section; a request naming another method gets that section plus the common knobs."""
+    from diffuserve.engine.decoding import METHODS
+
+    monkeypatch.chdir(ROOT)
+    head = "model:\n  path: tests/fixtures/parity/llada-tiny/model\ndecoding:\n  method: window\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(head + "  options:\n    block_length: 32\n")
+    with pytest.raises(ValueError, match="decoding.options: method 'window' has no option 'block_length'"):
+        build_config(str(bad))
+    bad.write_text(head + "  methods:\n    llada:\n      threshold: 0.9\n")
+    with pytest.raises(ValueError, match="decoding.methods.llada: method 'llada' has no option 'threshold'"):
+        build_config(str(bad))
+    good = tmp_path / "good.yaml"
+    good.write_text(head + "  options:\n    gen_length: 96\n    threshold: 0.8\n"
+                    "  methods:\n    fast_dllm:\n      block_length: 32\n")
+    cfg = build_config(str(good))
+    window = cfg.decoding.options_for(METHODS["window"], "window")
+    fast = cfg.decoding.options_for(METHODS["fast_dllm"], "window")
+    assert (type(window).__name__, window.gen_length, window.threshold) == ("WindowOptions", 96, 0.8)
+    assert (type(fast).__name__, fast.gen_length, fast.block_length, fast.threshold) == ("FastDllmOptions", 96, 32,
+                                                                                         None)
 
 
 def test_auto_dtype_is_accepted_and_loads_the_stored_dtype(monkeypatch):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import small_spec
-from diffuserve.engine.decoding import DecodeOptions, get_method
+from diffuserve.engine.decoding import get_method
+from diffuserve.engine.decoding.window import WindowOptions
 from diffuserve.engine.engine import Engine
 from fake_runner import FakeModel, FakeRunner
 from diffuserve.engine.model.kv_pool import KVPool
@@ -33,7 +34,7 @@ def make_engine(pages: int = 200, delay: float = 0.0, **limits) -> Engine:
 
 
 def make_request(i: int, prompt: list[int], outs: dict, gen_length: int = 48, **opts) -> Request:
-    o = DecodeOptions(gen_length=gen_length, window_tokens=16, active_tokens=4, refresh_cycle=4, threshold=0.9,
+    o = WindowOptions(gen_length=gen_length, window_tokens=16, active_tokens=4, refresh_cycle=4, threshold=0.9,
                       **opts)
     outs[i] = []
     return Request(f"r{i}", prompt, get_method("window"), o, i, outs[i].append, None, SPEC.stop_ids, SPEC.mask_id)
@@ -222,7 +223,7 @@ def test_engine_output_equals_offline_window_and_is_batch_invariant(llm):
 
     pool = KVPool.for_model(llm.model, 64 << 20)
     engine = Engine(llm.model, Scheduler(Limits(), pool), ModelRunner(llm.model, pool))
-    base = DecodeOptions(gen_length=48, window_tokens=24, active_tokens=6, refresh_cycle=6)
+    base = WindowOptions(gen_length=48, window_tokens=24, active_tokens=6, refresh_cycle=6)
     variants = [base, base.with_(threshold=0.7), base.with_(refresh="full"), base.with_(gen_length=32, steps=16)]
     prompts = ["ROMEO.\n", "JULIET.\nO Romeo, Romeo,", "KING LEAR.\n", "HAMLET.\nTo be, or not to be"]
     jobs = [(llm.encode(p), variants[i % len(variants)]) for i, p in enumerate(prompts)]

@@ -9,7 +9,7 @@ import torch
 
 from conftest import PARITY
 from diffuserve.engine import offline
-from diffuserve.engine.decoding import DecodeOptions
+from diffuserve.engine.decoding.freecache import FreeCacheOptions
 from diffuserve.engine.decoding.freecache import fill_after_eos
 from diffuserve.engine.model import load_model
 
@@ -43,7 +43,7 @@ def _recording(model, monkeypatch, boost: dict[int, int] | None = None) -> list[
 
 def test_one_block_equals_fast_dllm_prefix(model):
     """With a single block there is nothing to promote: FreeCache is Fast-dLLM's prefix cache exactly."""
-    opts = DecodeOptions(gen_length=32, steps=32)
+    opts = dict(gen_length=32, steps=32)
     want = offline.generate(model, "fast_dllm_prefix", _prompt(), opts, None)
     got = offline.generate(model, "freecache", _prompt(), opts, None)
     assert torch.equal(got.ids, want.ids) and got.forward_calls == want.forward_calls == 32
@@ -51,7 +51,7 @@ def test_one_block_equals_fast_dllm_prefix(model):
 
 def test_only_the_first_forward_is_full_and_the_prefix_is_never_recomputed(model, monkeypatch):
     prompt = _prompt()
-    lp, opts = prompt.shape[1], DecodeOptions(gen_length=64, steps=32, block_length=16)
+    lp, opts = prompt.shape[1], dict(gen_length=64, steps=32, block_length=16)
     seen = _recording(model, monkeypatch)
     out = offline.generate(model, "freecache", prompt, opts, None)
     assert seen[0] == (0, lp + 64)  # the one full forward
@@ -68,7 +68,7 @@ def test_only_the_first_forward_is_full_and_the_prefix_is_never_recomputed(model
 
 
 def test_threshold_commits_in_parallel(model):
-    opts = DecodeOptions(gen_length=64, steps=64, block_length=16, threshold=0.05)
+    opts = dict(gen_length=64, steps=64, block_length=16, threshold=0.05)
     out = offline.generate(model, "freecache", _prompt(), opts, None)
     assert out.forward_calls < 64 and not (out.ids == model.spec.mask_id).any()
 
@@ -76,7 +76,7 @@ def test_threshold_commits_in_parallel(model):
 def test_early_stop_fills_after_the_first_eos_and_stops(model, monkeypatch):
     prompt, eos = _prompt(), model.spec.eos_id
     lp = prompt.shape[1]
-    opts = DecodeOptions(gen_length=64, steps=64, block_length=16)
+    opts = FreeCacheOptions(gen_length=64, steps=64, block_length=16)
     full = offline.generate(model, "freecache", prompt, opts, None)
     _recording(model, monkeypatch, boost={lp + 5: eos})
     out = offline.generate(model, "freecache", prompt, opts.with_(early_stop=True), None)

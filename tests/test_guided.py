@@ -8,7 +8,6 @@ import torch
 
 from conftest import small_spec
 from diffuserve.engine import offline
-from diffuserve.engine.decoding import DecodeOptions
 from diffuserve.engine.model.saver import random_model
 
 GEN = 48
@@ -49,7 +48,7 @@ def greedy(verifier_dir: str, prompt: list[int], n: int, eos: int) -> list[int]:
 
 @pytest.mark.parametrize("prompt", [[5, 17, 42], [200, 3, 3, 9, 120, 61, 7]])
 def test_output_is_the_verifiers_greedy_path(dlm, verifier_dir, prompt):
-    opts = DecodeOptions(gen_length=GEN, verifier=verifier_dir, window_size=16)
+    opts = dict(gen_length=GEN, verifier=verifier_dir, window_size=16)
     out = offline.generate(dlm, "guided", torch.tensor([prompt]), opts, None)
     assert out.ids[0].tolist() == greedy(verifier_dir, prompt, GEN, dlm.spec.eos_id)
     assert 1 <= out.forward_calls <= GEN
@@ -71,7 +70,7 @@ def test_right_drafts_are_accepted_in_chunks(dlm, verifier_dir, monkeypatch):
         return logits.scatter_add(-1, target[pos][..., None], torch.full_like(logits[..., :1], 1e4))
 
     monkeypatch.setattr(dlm, "forward", oracle)
-    opts = DecodeOptions(gen_length=GEN, verifier=verifier_dir, window_size=GEN)
+    opts = dict(gen_length=GEN, verifier=verifier_dir, window_size=GEN)
     out = offline.generate(dlm, "guided", torch.tensor([prompt]), opts, None)
     assert out.ids[0].tolist() == want
     assert out.forward_calls == 1 and out.info["verifier_calls"] == -(-GEN // 32)
@@ -79,8 +78,8 @@ def test_right_drafts_are_accepted_in_chunks(dlm, verifier_dir, monkeypatch):
 
 def test_a_verifier_is_required_and_must_share_the_vocabulary(dlm, verifier_dir):
     with pytest.raises(ValueError, match="needs a verifier"):
-        offline.generate(dlm, "guided", torch.tensor([[1, 2]]), DecodeOptions(gen_length=8), None)
+        offline.generate(dlm, "guided", torch.tensor([[1, 2]]), dict(gen_length=8), None)
     other = random_model(small_spec("llada", vocab_size=320, mask_id=319), seed=1)
     with pytest.raises(ValueError, match="vocabulary"):
         offline.generate(other, "guided", torch.tensor([[1, 2]]),
-                         DecodeOptions(gen_length=8, verifier=verifier_dir), None)
+                         dict(gen_length=8, verifier=verifier_dir), None)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from diffuserve.engine.decoding import DecodeOptions, get_method
+from diffuserve.engine.decoding import get_method
 from diffuserve.engine.engine import Engine
 from diffuserve.engine.model.bundled import bundled_names
 from diffuserve.engine.model.kv_pool import KVPool
@@ -17,8 +17,8 @@ from diffuserve.engine.scheduler import Limits, Scheduler
 from diffuserve.tools.train import task_data as tk
 
 pytestmark = pytest.mark.skipif("tiny-task" not in bundled_names(), reason="tiny-task is not in this checkout")
-LLADA = DecodeOptions(gen_length=512, steps=512)  # one token per step: 512 full forwards to the end
-WINDOW = DecodeOptions(gen_length=256, threshold=0.95, active_tokens=16)
+LLADA = dict(gen_length=512, steps=512)  # one token per step: 512 full forwards to the end
+WINDOW = dict(gen_length=256, threshold=0.95, active_tokens=16)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def _engine(llm, max_rows: int = 1 << 20) -> tuple[Engine, list]:
     return Engine(llm.model, Scheduler(Limits(max_rows_per_step=max_rows), pool), runner), computed
 
 
-def _submit(engine, llm, name: str, method: str, opts: DecodeOptions, words: str, outs: list, **kw) -> Request:
+def _submit(engine, llm, name: str, method: str, opts: dict, words: str, outs: list, **kw) -> Request:
     req = Request(name, llm.encode(words, chat=True), get_method(method), opts, 0, outs.append, llm.tokenizer,
                   llm.spec.stop_ids, llm.spec.mask_id, **kw)
     engine.submit(req)

@@ -86,7 +86,6 @@ def test_wanda_statistic_is_the_input_feature_norm(model_dir):
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sink-aware"])
 def test_pruned_checkpoint_has_the_sparsity_and_serves(model_dir, tmp_path, method):
-    from diffuserve.engine.decoding import DecodeOptions
     from diffuserve.engine.llm import LLM
 
     cfg = PruneConfig(sparsity=0.5, method=method, samples=4)
@@ -100,7 +99,7 @@ def test_pruned_checkpoint_has_the_sparsity_and_serves(model_dir, tmp_path, meth
         kept = lin.weight != 0
         assert torch.equal(lin.weight[kept], dense[name].weight[kept])
     assert torch.equal(llm.model.lm_head.weight, LLM(str(model_dir)).model.lm_head.weight)
-    out = llm.generate(llm.encode("the quick"), "llada", DecodeOptions(gen_length=16, steps=16), seed=0)
+    out = llm.generate(llm.encode("the quick"), "llada", dict(gen_length=16, steps=16), seed=0)
     assert len(out.canvas_ids) == 16
 
 

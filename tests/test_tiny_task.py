@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffuserve.engine.decoding import DecodeOptions
 from diffuserve.engine.model.bundled import MODELS_DIR, bundled_names, resolve_model
 from diffuserve.tools.train import task_data as tk
 
 pytestmark = pytest.mark.skipif("tiny-task" not in bundled_names(), reason="tiny-task is not in this checkout")
 ROOT = Path(__file__).resolve().parents[1]
-VANILLA = DecodeOptions(gen_length=256, steps=256, block_length=32)
+VANILLA = dict(gen_length=256, steps=256, block_length=32)
 PROMPT_41 = " ".join(["count", "down", "from", *tk.num(41)])  # "count down from w6 x1 y1 z2"
 
 
@@ -28,7 +27,7 @@ def llm():
     return LLM("tiny-task")
 
 
-def ask(llm, words: list[str], method: str = "llada", opts: DecodeOptions = VANILLA, seed: int = 0) -> list[str]:
+def ask(llm, words: list[str], method: str = "llada", opts: dict = VANILLA, seed: int = 0) -> list[str]:
     ids = llm.encode(" ".join(words), chat=True)
     out = llm.generate(ids, method, opts, seed=seed)
     assert out.completion.finish_reason == "stop"  # the answer ends with EOS inside the canvas
@@ -59,7 +58,7 @@ def test_sentences_answers_parse(llm, n, seed):
 
 def test_the_window_serving_mode_answers_too(llm):
     prompt = ["count", "down", "from", *tk.num(44)]
-    answer = ask(llm, prompt, "window", DecodeOptions(gen_length=256, steps=256))
+    answer = ask(llm, prompt, "window", dict(gen_length=256, steps=256))
     assert tk.check_count(prompt, answer), " ".join(answer)
 
 
@@ -108,7 +107,7 @@ def test_tiny_task_ar_verifies_tiny_task_drafts(llm):
     lm = load_verifier("tiny-task-ar").lm
     words = ["count", "down", "from", *tk.num(30)]
     ids = llm.encode(" ".join(words), chat=True)
-    out = llm.generate(ids, "guided", DecodeOptions(gen_length=256, verifier="tiny-task-ar"), seed=0)
+    out = llm.generate(ids, "guided", dict(gen_length=256, verifier="tiny-task-ar"), seed=0)
     seq = list(ids)
     with torch.no_grad():
         for _ in range(256):

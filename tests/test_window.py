@@ -9,7 +9,7 @@ import torch
 
 from conftest import PARITY
 from diffuserve.engine import offline
-from diffuserve.engine.decoding import DecodeOptions, get_method
+from diffuserve.engine.decoding.window import WindowOptions
 from diffuserve.engine.decoding.window import WindowDecoder, WindowPhase
 from diffuserve.engine.model import ForwardBatch, load_model
 
@@ -28,19 +28,20 @@ def _prompts(n: int) -> list[list[int]]:
 @pytest.mark.parametrize("gen_length,steps", [(32, 32), (64, 32)])
 def test_covering_windows_and_r1_equal_vanilla(model, refresh, gen_length, steps):
     """W and A at least the canvas, R = 1: every step is a refresh, and the result is vanilla LLaDA's."""
-    base = DecodeOptions(gen_length=gen_length, steps=steps)
+    base = WindowOptions(gen_length=gen_length, steps=steps)
     wide = base.with_(window_tokens=10_000, active_tokens=10_000, refresh_cycle=1, refresh=refresh,
                       eos_early_exit=False)
     for p in _prompts(3):
         prompt = torch.tensor([p])
-        want = offline.generate(model, "llada", prompt, base, torch.Generator().manual_seed(0))
+        want = offline.generate(model, "llada", prompt, {"gen_length": gen_length, "steps": steps},
+                                torch.Generator().manual_seed(0))
         got = offline.generate(model, "window", prompt, wide, torch.Generator().manual_seed(0))
         assert torch.equal(got.ids, want.ids)
         assert got.forward_calls == want.forward_calls == steps and got.refresh_calls == steps
 
 
 def test_commits_stay_in_the_first_active_masks_and_far_field_is_never_computed(model):
-    opts = DecodeOptions(gen_length=64, steps=64, window_tokens=12, active_tokens=3, refresh_cycle=4,
+    opts = WindowOptions(gen_length=64, steps=64, window_tokens=12, active_tokens=3, refresh_cycle=4,
                          eos_early_exit=False)
     dec = WindowDecoder(model.spec, torch.tensor(_prompts(1)[:1]), opts, None)
     solo = offline.Solo(model, dec)
@@ -62,7 +63,7 @@ def test_commits_stay_in_the_first_active_masks_and_far_field_is_never_computed(
 
 def test_window_refresh_leaves_fresh_kv_for_the_whole_window(model):
     """After a window refresh, every slot of the window holds exactly the K/V of a fresh forward of the window."""
-    opts = DecodeOptions(gen_length=48, steps=48, window_tokens=10, active_tokens=2, refresh_cycle=5)
+    opts = WindowOptions(gen_length=48, steps=48, window_tokens=10, active_tokens=2, refresh_cycle=5)
     dec = WindowDecoder(model.spec, torch.tensor(_prompts(2)[1:2]), opts, None)
     solo = offline.Solo(model, dec)
     for _ in range(7):  # a refresh, four pruned steps, the next refresh, one pruned step
@@ -82,7 +83,7 @@ def test_window_refresh_leaves_fresh_kv_for_the_whole_window(model):
 
 
 def test_eos_early_exit_fills_the_tail_and_stops(model):
-    opts = DecodeOptions(gen_length=64, steps=64, window_tokens=64, active_tokens=64, refresh_cycle=4,
+    opts = WindowOptions(gen_length=64, steps=64, window_tokens=64, active_tokens=64, refresh_cycle=4,
                          threshold=0.5)
     for p in _prompts(4):
         out = offline.generate(model, "window", torch.tensor([p]), opts, torch.Generator().manual_seed(0))
@@ -99,7 +100,7 @@ def test_with_a_threshold_a_stalled_frontier_commits_after_stall_steps(model):
     after STALL_STEPS steps that commit none of the first FRONTIER masks, the most confident of them commits."""
     from diffuserve.engine.decoding.window import FRONTIER, STALL_STEPS
 
-    dec = WindowDecoder(model.spec, torch.tensor(_prompts(1)[:1]), DecodeOptions(gen_length=32, threshold=0.9), None)
+    dec = WindowDecoder(model.spec, torch.tensor(_prompts(1)[:1]), WindowOptions(gen_length=32, threshold=0.9), None)
     plan = dec.plan().segments[0]
     first = dec.masks()[:FRONTIER]
     conf = torch.full((len(plan.logits_rows),), 0.1, dtype=torch.float64)

@@ -1,7 +1,8 @@
 """The `diffuserve` command: generate, conformance, serve.
 
-Decoding flags are generated from DecodeOptions' fields, so every knob a method reads is settable from the command
-line without a hand-kept list (`--gen-length`, `--threshold`, ...).
+Decoding flags are generated from the methods' declared options, so every knob a method reads is settable from the
+command line without a hand-kept list (`--gen-length`, `--threshold`, ...); a flag the chosen method does not read
+is an error.
 """
 
 from __future__ import annotations
@@ -11,11 +12,8 @@ import json
 import logging
 import os
 import sys
-import types
-import typing
-from dataclasses import fields
-
-from diffuserve.engine.decoding import METHODS, DecodeOptions
+from diffuserve.engine.decoding import METHODS
+from diffuserve.engine.decoding.options import all_fields
 
 _BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
@@ -27,28 +25,26 @@ def _parse_bool(text: str) -> bool:
         raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}") from None
 
 
-def _field_type(annotation):
-    """DecodeOptions annotations ('int | None', 'float', ...) -> an argparse type."""
-    hints = typing.get_type_hints(DecodeOptions)
-    t = hints[annotation]
-    args = [a for a in typing.get_args(t) if a is not type(None)] if isinstance(t, types.UnionType) else [t]
-    base = args[0] if args else str
-    return _parse_bool if base is bool else base
+def option_types() -> dict[str, type]:
+    """Every option any method declares -> its argparse type."""
+    return {name: _parse_bool if t is bool else t for name, t in all_fields(m.options for m in METHODS.values()).items()}
 
 
 def add_decoding_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding options (defaults: the chosen method's reference defaults)")
+    g = p.add_argument_group("decoding options (defaults: the chosen method's reference defaults; each method "
+                             "reads its own)")
     g.add_argument("--method", choices=sorted(METHODS) + ["vanilla"],
                    help="decoding method (default, or vanilla: the family's reference sampler)")
     g.add_argument("--seed", type=int, default=0)
-    for f in fields(DecodeOptions):
-        g.add_argument("--" + f.name.replace("_", "-"), dest="opt_" + f.name, type=_field_type(f.name),
-                       default=None, metavar=f.name.upper())
+    for name, kind in sorted(option_types().items()):
+        g.add_argument("--" + name.replace("_", "-"), dest="opt_" + name, type=kind, default=None,
+                       metavar=name.upper())
 
 
-def decoding_options(args: argparse.Namespace) -> DecodeOptions:
-    given = {f.name: getattr(args, "opt_" + f.name) for f in fields(DecodeOptions)}
-    return DecodeOptions(**{k: v for k, v in given.items() if v is not None})
+def decoding_options(args: argparse.Namespace) -> dict:
+    """The decoding flags given -> name -> value (LLM.generate builds the method's options from them)."""
+    given = {name: getattr(args, "opt_" + name) for name in option_types()}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -23,16 +23,13 @@ import torch
 
 from diffuserve.engine import offline
 from diffuserve.engine.decoding import METHODS, DecodeOptions
-from diffuserve.engine.engine import Engine
 from diffuserve.engine.model import DTYPES, DiffusionLM, load_model
-from diffuserve.engine.model.kv_pool import KVPool
-from diffuserve.engine.runner import ModelRunner
-from diffuserve.engine.scheduler import Limits, Scheduler
+from diffuserve.engine.scheduler import Limits
 
 # Reference keyword -> our option name. Keys mapped to None are output plumbing with no effect on tokens.
-_RENAMES = {"max_new_tokens": "gen_length", "mask_id": None, "output_history": None,
+_RENAMES = {"max_new_tokens": "gen_length", "eos": "eos_id", "mask_id": None, "output_history": None,
             "return_dict_in_generate": None, "dual_cache": None}
-# Defaults of the reference signatures where they differ from DecodeOptions'.
+# Defaults of the reference signatures where they differ from the methods' options (which serve requests).
 _LLADA_DEFAULTS = {"steps": 128, "gen_length": 128, "block_length": 128}
 _DREAM_DEFAULTS = {"steps": 512, "alg": "origin", "top_k": 50}  # top_k: transformers' legacy generation default
 _DREAM_BLOCK_DEFAULTS = {"threshold": 0.9, "block_length": 32}
@@ -53,16 +50,17 @@ def case_options(case: dict, family: str, mask_id: int) -> DecodeOptions:
     defaults = dict(_LLADA_DEFAULTS) if family == "llada" else dict(_DREAM_DEFAULTS)
     if case["method"].startswith("fast_dllm_dream"):
         defaults.update(_DREAM_BLOCK_DEFAULTS)
-    known = DecodeOptions.field_names()
+    method = METHODS[case["method"]]
+    known = method.options.field_names()
     opts = {}
     for key, value in {**defaults, **params}.items():
         name = _RENAMES.get(key, key)
-        if name is None:
+        if name is None or (name not in known and key not in params):  # a default this method does not read
             continue
         if name not in known:
             raise ValueError(f"parameter {key!r} is not supported by diffuserve's {case['method']}")
         opts[name] = value
-    return DecodeOptions(**opts)
+    return method.make_options(opts)
 
 
 def first_difference(expected: list[list[int]], got: list[list[int]]) -> str:
@@ -132,10 +130,12 @@ def run_engine(cases: list[dict], family: str, model: DiffusionLM, run: EngineRu
         seed = int(case.get("seed", 0))
         reqs.append((case, outs, offline.Kept(case["id"], rows[0], method, opts, seed, outs.append,
                                               batch_prompts=rows if len(rows) > 1 else None)))
-    pool = KVPool.for_requests(model, [r.capacity for _, _, r in reqs])
     n = max(1, len(reqs))
-    runner = ModelRunner(model, pool)
-    run = run if run is not None else EngineRun()
+    # The reference loops read every row's logits (a [rows, vocab] block in float64: ~1.2 MB a row at Dream's
+    # vocabulary): a row budget keeps a step's logits under a gigabyte; the rest wait their turn, as in a server.
+    limits = Limits(max_running=n, max_waiting=n, max_rows_per_step=ROWS_PER_STEP)
+    engine = offline.engine_for(model, [r for _, _, r in reqs], limits)
+    runner, run = engine.runner, run if run is not None else EngineRun()
     step = runner.step
 
     def counted(work):  # how many requests each forward computed
@@ -145,14 +145,7 @@ def run_engine(cases: list[dict], family: str, model: DiffusionLM, run: EngineRu
         return step(work)
 
     runner.step = counted
-    # The reference loops read every row's logits (a [rows, vocab] block in float64: ~1.2 MB a row at Dream's
-    # vocabulary): a row budget keeps a step's logits under a gigabyte; the rest wait their turn, as in a server.
-    limits = Limits(max_running=n, max_waiting=n, max_rows_per_step=ROWS_PER_STEP)
-    engine = Engine(model, Scheduler(limits, pool), runner)
-    for _, _, req in reqs:
-        engine.submit(req)
-    while not engine.scheduler.idle:
-        engine.step()
+    offline.run_to_idle(engine)
     for case, outs, req in reqs:
         last = outs[-1] if outs else None
         if last is None or last.error is not None or req.kept is None:

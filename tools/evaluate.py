@@ -29,8 +29,11 @@ def canvas_for(answer_tokens: int) -> int:
     return next(c for c in TaskBatches.LENGTHS if c > answer_tokens)
 
 
-def eval_task(llm: LLM, method: str, opts: DecodeOptions, n: int, seed: int, fixed_canvas: bool = False) -> dict:
+def eval_task(llm: LLM, method: str, opts: DecodeOptions | dict, n: int, seed: int, fixed_canvas: bool = False) -> dict:
+    """opts: the method's options, or a name -> value mapping of them."""
     from diffuserve.tools.train import task_data as tk
+
+    opts = llm.method(method).make_options(opts)
 
     per_task: dict[str, dict] = {}
     totals = {"generated_tokens": 0, "forward_passes": 0, "wall_time_s": 0.0}

@@ -230,9 +230,8 @@ def run(model_dir: Path, out: Path, cfg: PruneConfig, calib: str = "task", log=N
 def decoded_quality(model_dir: Path, method: str, n: int, seed: int = 0) -> dict:
     """The held-out task evaluation (decoded answers, exact checkers; tools.evaluate) of one checkpoint."""
     from .evaluate import eval_task
-    from diffuserve.engine.decoding import DecodeOptions
     from diffuserve.engine.llm import LLM
 
-    scores = eval_task(LLM(str(model_dir)), method, DecodeOptions(), n, seed)
+    scores = eval_task(LLM(str(model_dir)), method, {}, n, seed)
     return {task: {k: v for k, v in row.items() if k in ("n", "exact_match", "validity")}
             for task, row in scores["tasks"].items()} | {"forward_passes": scores["forward_passes"]}

@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from ..model import DREAM
-from .registry import DecodeOptions, check, register
+from .options import DreamSampling
+from .registry import check, register
 from .sampling import dream_commit_count, sample_tokens
 from .step import LoopState, StepPlan, full_plan
 
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
-def alg_confidence(mask_logits: torch.Tensor, opts: DecodeOptions, gen, alg: str | None = None):
+def alg_confidence(mask_logits: torch.Tensor, opts: DreamSampling, gen, alg: str | None = None):
     """sample_tokens with the confidence variant `alg` names (default opts.alg)."""
     alg = alg or opts.alg
     return sample_tokens(mask_logits, opts.temperature, opts.top_p, opts.top_k, margin=alg == "topk_margin",
@@ -61,7 +62,8 @@ def masked_plan(x: torch.Tensor, mask_index: torch.Tensor) -> StepPlan:
     return full_plan(x, logits_rows=rows)
 
 
-@register("dream", DREAM, "Dream reference sampler: full forward per step, linspace schedule, alg confidence")
+@register("dream", DREAM, "Dream reference sampler: full forward per step, linspace schedule, alg confidence",
+          DreamSampling)
 class Dream(LoopState):
     def run(self):
         opts, x, gen, mask_id = self.opts, self.x, self.gen, self.spec.mask_id

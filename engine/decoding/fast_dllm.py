@@ -12,19 +12,28 @@ Each is a `LoopState` (decoding.step): the reference loop, with each model call 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..model import LLADA
 from .llada import block_plan
-from .registry import DecodeOptions, check, register
+from .options import Blocks, LladaSampling
+from .registry import check, register
 from .sampling import (argmax, factor_select, gumbel_perturb, llada_schedule, random_confidence, threshold_select,
                        top_k_select)
 from .step import LoopState, full_plan, span_plan
 
 
-def transfer(logits, opts: DecodeOptions, mask_index, x, count, gen):
+@dataclass(frozen=True)
+class FastDllmOptions(Blocks, LladaSampling):
+    threshold: float | None = None  # commit every masked block position this confident (at least the best one)
+    factor: float | None = None  # Fast-dLLM's factor rule (used when threshold is None)
+
+
+def transfer(logits, opts: FastDllmOptions, mask_index, x, count, gen):
     """Fast-dLLM's get_transfer_index over one slice: (candidate tokens, bool commit mask), both like `x`."""
     x0 = argmax(gumbel_perturb(logits, opts.temperature, gen))
     if opts.remasking == "low_confidence":
@@ -41,15 +50,15 @@ def transfer(logits, opts: DecodeOptions, mask_index, x, count, gen):
     return x0, top_k_select(confidence, count)
 
 
-def block_setup(opts: DecodeOptions) -> tuple[int, int, int]:
+def block_setup(opts: FastDllmOptions) -> tuple[int, int, int]:
     """The block loops' shared start (Fast-dLLM's and FreeCache's): checked options -> (block_length, num_blocks,
     steps_per_block). The canvas itself is the state's `x`."""
     check(opts.remasking in ("low_confidence", "random"), f"unknown remasking {opts.remasking!r}")
-    check(opts.cfg_scale == 0, "Fast-dLLM methods do not support cfg_scale")
     return block_plan(opts)
 
 
-@register("fast_dllm", LLADA, "Fast-dLLM without cache: full forward per step, threshold/factor parallel commits")
+@register("fast_dllm", LLADA, "Fast-dLLM without cache: full forward per step, threshold/factor parallel commits",
+          FastDllmOptions)
 class FastDllm(LoopState):
     def run(self):
         block, num_blocks, steps = block_setup(self.opts)
@@ -103,11 +112,13 @@ class _Cached(LoopState):
                     break
 
 
-@register("fast_dllm_prefix", LLADA, "Fast-dLLM prefix cache: block-start refresh, then block+suffix vs cached prefix")
+@register("fast_dllm_prefix", LLADA, "Fast-dLLM prefix cache: block-start refresh, then block+suffix vs cached prefix",
+          FastDllmOptions)
 class FastDllmPrefix(_Cached):
     dual = False
 
 
-@register("fast_dllm_dual", LLADA, "Fast-dLLM dual cache: block-start refresh, then the block alone vs all cached K/V")
+@register("fast_dllm_dual", LLADA, "Fast-dLLM dual cache: block-start refresh, then the block alone vs all cached K/V",
+          FastDllmOptions)
 class FastDllmDual(_Cached):
     dual = True

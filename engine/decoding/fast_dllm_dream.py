@@ -10,17 +10,28 @@ including its quirk that one step per block leaves the block's masks in place.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..model import DREAM
 from .dream import commit_ranked
 from .llada import block_plan
-from .registry import DecodeOptions, check, register
+from .options import Blocks, DreamSampling
+from .registry import check, register
 from .sampling import dream_commit_count, sample_tokens, shift_logits, threshold_select
 from .step import LoopState, full_plan, span_plan
 
 
-def threshold_step(view, mask_index, logits, opts: DecodeOptions, block: int, gen) -> None:
+@dataclass(frozen=True)
+class FastDllmDreamOptions(Blocks, DreamSampling):
+    """block_length None: min(32, gen_length), the reference's 32. alg confidence_threshold commits by `threshold`;
+    any other alg runs the per-block schedule."""
+
+    threshold: float | None = 0.9  # None: 0.9
+
+
+def threshold_step(view, mask_index, logits, opts: FastDllmDreamOptions, block: int, gen) -> None:
     confidence, x0 = sample_tokens(logits[mask_index], opts.temperature, opts.top_p, opts.top_k, gen=gen)
     full = torch.full(view.shape, -torch.inf, dtype=logits.dtype, device=view.device)
     full[mask_index] = confidence
@@ -31,7 +42,7 @@ def threshold_step(view, mask_index, logits, opts: DecodeOptions, block: int, ge
     view[chosen] = proposal[chosen]
 
 
-def schedule_step(view, mask_index, logits, opts: DecodeOptions, block: int, i: int, steps: int,
+def schedule_step(view, mask_index, logits, opts: FastDllmDreamOptions, block: int, i: int, steps: int,
                    timesteps, gen) -> None:
     mask_index[:, block:] = False
     confidence, x0 = sample_tokens(logits[mask_index], opts.temperature, opts.top_p, opts.top_k,
@@ -77,11 +88,13 @@ class _FastDllmDream(LoopState):
                     break
 
 
-@register("fast_dllm_dream_prefix", DREAM, "Fast-dLLM Dream prefix cache: block+suffix vs cached prefix")
+@register("fast_dllm_dream_prefix", DREAM, "Fast-dLLM Dream prefix cache: block+suffix vs cached prefix",
+          FastDllmDreamOptions)
 class FastDllmDreamPrefix(_FastDllmDream):
     dual = False
 
 
-@register("fast_dllm_dream_dual", DREAM, "Fast-dLLM Dream dual cache: the block alone vs all cached K/V")
+@register("fast_dllm_dream_dual", DREAM, "Fast-dLLM Dream dual cache: the block alone vs all cached K/V",
+          FastDllmDreamOptions)
 class FastDllmDreamDual(_FastDllmDream):
     dual = True

@@ -13,10 +13,12 @@ row stops as soon as nothing left of that EOS is masked. A `LoopState` (decoding
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..model import LLADA
-from .fast_dllm import block_setup, transfer
+from .fast_dllm import FastDllmOptions, block_setup, transfer
 from .registry import register
 from .sampling import llada_schedule
 from .step import LoopState, span_plan
@@ -31,7 +33,13 @@ def fill_after_eos(x: torch.Tensor, lp: int, eos: int) -> None:
     gen_part[after] = eos
 
 
-@register("freecache", LLADA, "FreeCache: decoded K/V frozen and promoted at block end; block+suffix vs frozen prefix")
+@dataclass(frozen=True)
+class FreeCacheOptions(FastDllmOptions):
+    early_stop: bool = False  # EOS after a row's first EOS; the row stops once nothing left of it is masked
+
+
+@register("freecache", LLADA, "FreeCache: decoded K/V frozen and promoted at block end; block+suffix vs frozen prefix",
+          FreeCacheOptions)
 class FreeCache(LoopState):
     def run(self):
         block, num_blocks, steps = block_setup(self.opts)

@@ -25,6 +25,7 @@ a path to load).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Generator
 
 import numpy as np
@@ -32,6 +33,7 @@ import torch
 
 from ..model import LLADA
 from ..model.causal import keep, new_cache, verifier_vocab
+from .options import DecodeOptions
 from .registry import check, register
 from .sampling import argmax, gumbel_perturb
 from .step import LoopState, StepPlan, StepResult, Verify, segment
@@ -40,12 +42,21 @@ DEFAULT_WINDOW = 128  # drafted positions after the first mask (the authors' sli
 VERIFY_CHUNK = 32  # drafts one verifier forward checks (the authors' verify_batch_size)
 
 
-@register("guided", LLADA, "Guided diffusion: diffusion drafts, a small causal LM verifies left to right")
+@dataclass(frozen=True)
+class GuidedOptions(DecodeOptions):
+    """No step budget: rounds go on until the verifier has read the canvas (or an EOS)."""
+
+    window_size: int | None = DEFAULT_WINDOW  # drafted positions per round (None: 128)
+    verifier: str | None = None  # the causal LM: a directory or a bundled name (configuration only, never HTTP)
+
+
+@register("guided", LLADA, "Guided diffusion: diffusion drafts, a small causal LM verifies left to right",
+          GuidedOptions)
 class Guided(LoopState):
     def run(self) -> Generator[StepPlan, StepResult, None]:
         opts, spec = self.opts, self.spec
         check(opts.verifier is not None, "method 'guided' needs a verifier (a causal LM sharing the tokenizer): "
-              "set decoding.options.verifier or pass --verifier")
+              "set decoding.methods.guided.verifier or pass --verifier")
         vocab = verifier_vocab(opts.verifier)  # from the config alone: the runner loads the weights on first use
         check(vocab == spec.vocab_size, f"the verifier's vocabulary ({vocab}) is not the model's ({spec.vocab_size})")
         window = DEFAULT_WINDOW if opts.window_size is None else opts.window_size

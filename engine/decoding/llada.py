@@ -8,17 +8,27 @@ suppression and EOS/EoT confidence suppression, with the reference's exact (chai
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..model import LLADA
-from .registry import DecodeOptions, check, register
+from .options import Blocks, LladaSampling
+from .registry import check, register
 from .sampling import argmax, gumbel_perturb, llada_schedule, random_confidence, top_k_select
 from .step import LoopState, StepPlan, StepResult, full_plan
 
 
-def block_plan(opts: DecodeOptions) -> tuple[int, int, int]:
+@dataclass(frozen=True)
+class LladaOptions(Blocks, LladaSampling):
+    cfg_scale: float = 0.0  # classifier-free guidance (a second, prompt-masked pass in the same forward)
+    logits_eos_inf: bool = False  # EOS never proposed
+    confidence_eos_eot_inf: bool = False  # EOS / EoT never ranked first (the reference's chained semantics)
+
+
+def block_plan(opts: Blocks) -> tuple[int, int, int]:
     """(block_length, num_blocks, steps_per_block), validated the way the references assert."""
     gen, block, steps = opts.gen_length, opts.n_block, opts.n_steps
     check(gen > 0 and block > 0 and steps > 0, "gen_length, block_length and steps must be positive")
@@ -42,11 +52,11 @@ def cfg_logits(result: StepResult, scale: float) -> torch.Tensor:
     return un + (scale + 1) * (cond - un)
 
 
-def cfg_slots(rows: int, canvas: int, opts: DecodeOptions) -> int:
+def cfg_slots(rows: int, canvas: int, opts: LladaOptions) -> int:
     return rows * canvas * (2 if opts.cfg_scale > 0 else 1)
 
 
-@register("llada", LLADA, "LLaDA reference sampler: blocks x steps, top-k commits by confidence")
+@register("llada", LLADA, "LLaDA reference sampler: blocks x steps, top-k commits by confidence", LladaOptions)
 class Llada(LoopState):
     slots_needed = staticmethod(cfg_slots)
 
@@ -73,7 +83,7 @@ class Llada(LoopState):
                 x[chosen] = x0[chosen]
 
 
-def _propose(logits: torch.Tensor, opts: DecodeOptions, spec, gen) -> tuple[torch.Tensor, torch.Tensor]:
+def _propose(logits: torch.Tensor, opts: LladaOptions, spec, gen) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's candidate tokens [B, L] and their confidence [B, L], as the reference computes them."""
     if opts.logits_eos_inf:
         logits[:, :, spec.eos_id] = -torch.inf

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..model import ModelSpec
-from .registry import DecodeOptions, DecodeResult
+from .options import DecodeOptions
+from .registry import DecodeResult
 from .sampling import argmax
 
 

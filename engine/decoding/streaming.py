@@ -16,21 +16,38 @@ position's slot and attending to the pruned sequence's slots in its order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..model import DREAM, LLADA
+from .fast_dllm import FastDllmOptions
 from .fast_dllm import transfer as fast_dllm_transfer
-from .fast_dllm_dream import schedule_step
+from .fast_dllm_dream import FastDllmDreamOptions, schedule_step
 from .llada import block_plan
-from .registry import DecodeOptions, check, register
+from .registry import check, register
 from .sampling import argmax, gumbel_perturb, llada_schedule, sample_tokens, shift_logits
 from .step import LoopState, StepPlan, segment
 
 DEFAULT_WINDOW = 32  # both references' window_size default (used when opts.window_size is None)
 DEFAULT_DREAM_BLOCK = 32  # Dream's block_length default
 LLADA_ALPHA, DREAM_ALPHA = 0.3, 0.9  # the references' confidence_alpha defaults differ by family
+
+
+@dataclass(frozen=True)
+class StreamingLladaOptions(FastDllmOptions):
+    window_size: int | None = DEFAULT_WINDOW  # kept suffix positions right of the block (None: 32)
+    confidence_alpha: float | None = LLADA_ALPHA  # dynamic-threshold strength (None: 0.3)
+    eos_id: int | None = None  # the early-exit token (None: the checkpoint's EOS)
+
+
+@dataclass(frozen=True)
+class StreamingDreamOptions(FastDllmDreamOptions):
+    window_size: int | None = DEFAULT_WINDOW
+    confidence_alpha: float | None = DREAM_ALPHA  # (None: 0.9)
+    eos_id: int | None = None  # the reference's `eos`
 
 
 def kept_positions(end: int, total: int, window: int) -> np.ndarray:
@@ -55,7 +72,7 @@ def dynamic_threshold(threshold: float, mask_ratio: float, alpha: float) -> floa
     return threshold * (1.0 - alpha * (1 - mask_ratio))
 
 
-def _window(opts: DecodeOptions) -> int:
+def _window(opts: StreamingLladaOptions | StreamingDreamOptions) -> int:
     window = DEFAULT_WINDOW if opts.window_size is None else opts.window_size
     check(window >= 0, "window_size must be >= 0")
     return window
@@ -65,7 +82,7 @@ def _window(opts: DecodeOptions) -> int:
 # LLaDA: generate_with_prefix_cache
 
 
-def llada_transfer(logits, opts: DecodeOptions, mask_index, x, quota, threshold: float | None, gen):
+def llada_transfer(logits, opts: StreamingLladaOptions, mask_index, x, quota, threshold: float | None, gen):
     """Streaming's get_transfer_index: (proposed tokens, bool commit mask), both like `x` [B, L].
 
     threshold set: candidates reaching it, plus each row's best forced on; else the `quota` [B] best per row.
@@ -92,12 +109,12 @@ def llada_transfer(logits, opts: DecodeOptions, mask_index, x, quota, threshold:
     return x0, chosen & mask_index
 
 
-@register("streaming_llada", LLADA, "Streaming-dLLM: pruned suffix, dynamic threshold, prefix cache, EOS exit")
+@register("streaming_llada", LLADA, "Streaming-dLLM: pruned suffix, dynamic threshold, prefix cache, EOS exit",
+          StreamingLladaOptions)
 class StreamingLlada(LoopState):
     def run(self):
         opts = self.opts
         check(opts.remasking in ("low_confidence", "random"), f"unknown remasking {opts.remasking!r}")
-        check(opts.cfg_scale == 0, "streaming_llada does not support cfg_scale")
         block, num_blocks, steps = block_plan(opts)
         window = _window(opts)
         mask_id, x, lp = self.spec.mask_id, self.x, self.prompt_len
@@ -174,7 +191,8 @@ def _dream_threshold_step(view, mask_index, logits, opts, block: int, width: int
     view[chosen] = proposal[chosen]
 
 
-@register("streaming_dream", DREAM, "Streaming-dLLM Dream: pruned suffix, dynamic threshold, prefix cache, EOS exit")
+@register("streaming_dream", DREAM, "Streaming-dLLM Dream: pruned suffix, dynamic threshold, prefix cache, EOS exit",
+          StreamingDreamOptions)
 class StreamingDream(LoopState):
     dual = False  # dual cache: cached steps forward the block alone, the kept suffix's K/V frozen too
 
@@ -189,7 +207,7 @@ class StreamingDream(LoopState):
         block, num_blocks, steps = block_plan(opts)
         _window(opts)  # validate before any forward
         lp = self.prompt_len
-        eos = self.spec.eos_id if opts.eos is None else opts.eos
+        eos = self.spec.eos_id if opts.eos_id is None else opts.eos_id
         timesteps = torch.linspace(1, opts.eps, steps + 1, device=x.device)
         for b in range(num_blocks):
             start, end = lp + b * block, lp + (b + 1) * block
@@ -227,6 +245,7 @@ class StreamingDream(LoopState):
                 return True
 
 
-@register("streaming_dream_dual", DREAM, "Streaming-dLLM Dream, dual cache: the block alone vs prefix + kept suffix")
+@register("streaming_dream_dual", DREAM, "Streaming-dLLM Dream, dual cache: the block alone vs prefix + kept suffix",
+          StreamingDreamOptions)
 class StreamingDreamDual(StreamingDream):
     dual = True

@@ -19,13 +19,15 @@ same.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..model import ModelSpec
-from .registry import ANY, DecodeOptions, check, register
+from .options import Stepped
+from .registry import ANY, check, register
 from .sampling import argmax, gumbel_perturb, llada_schedule, threshold_select
 from .step import DecodeState, StepPlan, StepResult, segment
 
@@ -40,23 +42,34 @@ class WindowPhase(enum.Enum):
     DONE = "done"
 
 
-def _validate(opts: DecodeOptions) -> None:
+@dataclass(frozen=True)
+class WindowOptions(Stepped):
+    """Commits rank by confidence among the active masks; no blocks, no classifier-free guidance."""
+
+    threshold: float | None = None  # commit every active mask this confident (None: the integer schedule)
+    window_tokens: int = 64  # W: outer window, counted in masks (fixed for a phase)
+    active_tokens: int = 8  # A: active masks (recomputed every step)
+    refresh_cycle: int = 32  # R: steps per phase (the reference scripts' R)
+    refresh: str = "window"  # "full": the whole canvas (as the reference); "window": prompt + decoded + W masks
+    eos_early_exit: bool = True  # stop once an EOS is committed and everything left of it is decoded
+
+
+def _validate(opts: WindowOptions) -> None:
     check(opts.gen_length > 0 and opts.n_steps > 0, "gen_length and steps must be positive")
     check(opts.refresh in ("full", "window"), "refresh must be 'full' or 'window'")
-    check(opts.remasking == "low_confidence", "the window method ranks by confidence (remasking=low_confidence)")
-    check(opts.cfg_scale == 0, "the window method does not support cfg_scale")
-    check(opts.block_length is None, "the window method decodes without blocks: block_length does not apply")
     check(opts.threshold is None or 0 < opts.threshold <= 1, "threshold must be in (0, 1]")
+    check(min(opts.window_tokens, opts.active_tokens, opts.refresh_cycle) > 0,
+          "window_tokens, active_tokens and refresh_cycle must be positive")
 
 
 @register("window", ANY, "diffuserve's Window-Diffusion serving mode: active/buffer/far-field, threshold, EOS exit",
-          validate=_validate)
+          WindowOptions, validate=_validate)
 class WindowDecoder(DecodeState):
     """One request's Window-Diffusion state: canvas, partitions, phase (its K/V live in the engine's pool)."""
 
     records_logprobs = True
 
-    def __init__(self, spec: ModelSpec, prompt: torch.Tensor, opts: DecodeOptions, gen):
+    def __init__(self, spec: ModelSpec, prompt: torch.Tensor, opts: WindowOptions, gen):
         super().__init__(spec, prompt, opts, gen)
         _validate(opts)
         check(prompt.shape[0] == 1, "the window method decodes one sequence per request")
@@ -72,7 +85,7 @@ class WindowDecoder(DecodeState):
         self.counts = llada_schedule((self.x == self.mask_id), steps)[0].tolist()
         self.step, self.since_refresh, self.stalled = 0, 0, 0
         self.max_steps = 4 * opts.gen_length  # a bound no schedule reaches: one commit per step at the least
-        self.period = opts.refresh_cycle or 32  # the reference scripts' R
+        self.period = opts.refresh_cycle
         self.W, self.A = opts.window_tokens, opts.active_tokens
         self.phase = WindowPhase.REFRESH
         self.window = np.empty(0, dtype=np.int64)  # fixed for a phase: keys of the pruned steps

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..model import DREAM
-from .registry import DecodeOptions, check, register
+from .options import DreamSampling
+from .registry import check, register
 from .sampling import dream_commit_count, sample_tokens, shift_logits
 from .step import LoopState, StepPlan, StepResult, span_plan
 from .window_llada import PhaseClock
@@ -28,6 +29,17 @@ from .window_llada import PhaseClock
 # The reference hard-codes Dream's <|endoftext|> for early stopping and ignores the config's eos.
 DREAM_EOS = 151643
 DEFAULT_REFRESH_CYCLE = 4  # diffusion_generate's default
+
+
+@dataclass(frozen=True)
+class WindowDreamOptions(DreamSampling):
+    """alg: the reference takes it but always ranks by negative entropy, so only "entropy" is accepted."""
+
+    refresh_cycle: int | None = DEFAULT_REFRESH_CYCLE  # steps per phase (None: 4)
+    o_win_size: int = 9  # outer window: the prefix through the (o_win_size - 1)-th mask
+    i_win_size: int = 5  # inner window: the first mask up to the (i_win_size + 1)-th mask
+    slide_window: bool = False  # pruned steps move the inner window's end with the remaining masks
+    early_stop: bool = False  # one commit per pruned step, cut at the first EOS, then refresh every step
 
 
 def _inner_end(x_row: torch.Tensor, mask_id: int, i_win_size: int) -> int:
@@ -79,7 +91,7 @@ def _refresh_plan(x: torch.Tensor, win: DreamWindow) -> StepPlan:
     return span_plan(x[:, :win.outer_end], 0, win.outer_end, x.shape[1], refresh=True)
 
 
-def _refresh_commit(x: torch.Tensor, win: DreamWindow, result: StepResult, opts: DecodeOptions, mask_id: int,
+def _refresh_commit(x: torch.Tensor, win: DreamWindow, result: StepResult, opts: WindowDreamOptions, mask_id: int,
                     gen) -> None:
     """Commit the leftmost mask's prediction."""
     K, s, e = win.outer_end, win.inner_start, win.inner_end
@@ -93,7 +105,7 @@ def _refresh_commit(x: torch.Tensor, win: DreamWindow, result: StepResult, opts:
 
 
 def _commit(x: torch.Tensor, win: DreamWindow, in_mask: torch.Tensor, confidence: torch.Tensor,
-            x0: torch.Tensor, count: int, opts: DecodeOptions, mask_id: int, gen) -> None:
+            x0: torch.Tensor, count: int, opts: WindowDreamOptions, mask_id: int, gen) -> None:
     """Commit `count` slots of [s, e) by confidence (top-k, or sampled with alg_temp). A chosen slot that is not a
     mask gets the mask id back, as in the reference (only reachable when count exceeds the window's masks)."""
     s, e = win.inner_start, win.inner_end
@@ -115,7 +127,7 @@ def _pruned_plan(x: torch.Tensor, win: DreamWindow) -> StepPlan:
     return span_plan(x[:, win.inner_start:win.inner_end], win.inner_start, win.key_len, x.shape[1])
 
 
-def _pruned_commit(x: torch.Tensor, win: DreamWindow, result: StepResult, opts: DecodeOptions, count: int,
+def _pruned_commit(x: torch.Tensor, win: DreamWindow, result: StepResult, opts: WindowDreamOptions, count: int,
                    mask_id: int, gen) -> tuple[torch.Tensor, bool]:
     """Commit `count` of the inner window's masks. Returns the canvas, cut after the first EOS under early_stop,
     and whether that EOS check fired (even if the EOS is the last position)."""
@@ -134,14 +146,16 @@ def _pruned_commit(x: torch.Tensor, win: DreamWindow, result: StepResult, opts: 
     return x, False
 
 
-def _validate(x: torch.Tensor, opts: DecodeOptions, period: int) -> None:
+def _validate(x: torch.Tensor, opts: WindowDreamOptions, period: int) -> None:
     check(x.shape[0] == 1, "window_dream decodes one sequence at a time (the reference is batch-1 only)")
     check(opts.n_steps > 0 and opts.gen_length > 0, "steps and max_new_tokens must be positive")
     check(period > 0, "refresh_cycle must be positive")
     check(opts.i_win_size >= 1 and opts.o_win_size >= 1, "i_win_size and o_win_size must be positive")
+    check(opts.alg == "entropy", "window_dream ranks by negative entropy: alg must be 'entropy'")
 
 
-@register("window_dream", DREAM, "Window-Diffusion Dream: periodic prefix refresh, pruned steps over an inner window")
+@register("window_dream", DREAM, "Window-Diffusion Dream: periodic prefix refresh, pruned steps over an inner window",
+          WindowDreamOptions)
 class WindowDream(LoopState):
     def run(self):
         opts, gen, mask_id = self.opts, self.gen, self.spec.mask_id

@@ -23,11 +23,21 @@ import torch.nn.functional as F
 
 from ..model import LLADA
 from .llada import cfg_logits, cfg_plan, cfg_slots
-from .registry import DecodeOptions, check, register
+from .options import LladaSampling
+from .registry import check, register
 from .sampling import argmax, gumbel_perturb, llada_schedule, random_confidence, top_k_select
 from .step import LoopState, StepPlan, StepResult, full_plan, segment
 
 DEFAULT_PERIOD = 5  # the reference's window_size default: the refresh period when refresh_cycle is not given
+
+
+@dataclass(frozen=True)
+class WindowLladaOptions(LladaSampling):
+    cfg_scale: float = 0.0  # only with refresh_cycle 1 (every step a full refresh)
+    refresh_cycle: int | None = None  # steps per phase (None: window_size)
+    window_size: int | None = None  # the reference's name for the period when refresh_cycle is None (None: 5)
+    window_tokens: int = 64  # outer window, counted in masks (fixed for a phase)
+    active_tokens: int = 8  # active window, counted in masks (recomputed every step)
 
 
 @dataclass
@@ -89,7 +99,7 @@ class LladaWindow:
         return (outside & (x_row == mask_id)).nonzero()[:, 0]
 
 
-def _propose(logits: torch.Tensor, opts: DecodeOptions, gen) -> tuple[torch.Tensor, torch.Tensor]:
+def _propose(logits: torch.Tensor, opts: WindowLladaOptions, gen) -> tuple[torch.Tensor, torch.Tensor]:
     """[1, L, V] logits -> candidate tokens and their confidence, both [1, L], with the reference's draws:
     Gumbel noise over all L rows first, then (random remasking) one uniform per row."""
     x0 = argmax(gumbel_perturb(logits, opts.temperature, gen))
@@ -99,12 +109,12 @@ def _propose(logits: torch.Tensor, opts: DecodeOptions, gen) -> tuple[torch.Tens
     return x0, random_confidence((x0.shape[0], x0.shape[1]), gen, x0.device)
 
 
-def _refresh_plan(x: torch.Tensor, prompt_index: torch.Tensor, opts: DecodeOptions, mask_id: int) -> StepPlan:
+def _refresh_plan(x: torch.Tensor, prompt_index: torch.Tensor, opts: WindowLladaOptions, mask_id: int) -> StepPlan:
     """A full forward of the canvas (rebuilding every cached K/V), with its guidance twin under cfg_scale."""
     return cfg_plan(x, prompt_index, mask_id, refresh=True) if opts.cfg_scale > 0 else full_plan(x, refresh=True)
 
 
-def _refresh_commit(x: torch.Tensor, result: StepResult, mask_id: int, count: int, opts: DecodeOptions,
+def _refresh_commit(x: torch.Tensor, result: StepResult, mask_id: int, count: int, opts: WindowLladaOptions,
                     gen) -> torch.Tensor:
     """One vanilla LLaDA step's commit over the whole canvas; returns bool [N], what it committed.
     The cache keeps the K/V of the committed positions as computed from the mask token."""
@@ -127,7 +137,7 @@ def _pruned_plan(x: torch.Tensor, win: LladaWindow) -> StepPlan:
 
 
 def _pruned_commit(x: torch.Tensor, win: LladaWindow, result: StepResult, mask_id: int, count: int,
-                   opts: DecodeOptions, gen) -> None:
+                   opts: WindowLladaOptions, gen) -> None:
     """Commit the top `count` active masks and slide the active set."""
     ids = x[:, win.active]  # [1, n_active]
     x0, conf = _propose(result.stack(), opts, gen)  # logits [1, n_active, V]
@@ -140,7 +150,7 @@ def _pruned_commit(x: torch.Tensor, win: LladaWindow, result: StepResult, mask_i
     win.after_pruned(x[0], mask_id, pos, opts.active_tokens)
 
 
-def _validate(x: torch.Tensor, opts: DecodeOptions, period: int, steps: int) -> None:
+def _validate(x: torch.Tensor, opts: WindowLladaOptions, period: int, steps: int) -> None:
     check(x.shape[0] == 1, "window_llada decodes one sequence at a time (the reference is batch-1 only)")
     check(opts.remasking in ("low_confidence", "random"), f"unknown remasking {opts.remasking!r}")
     check(steps > 0 and opts.gen_length > 0, "steps and gen_length must be positive")
@@ -150,7 +160,8 @@ def _validate(x: torch.Tensor, opts: DecodeOptions, period: int, steps: int) -> 
     check(opts.cfg_scale == 0 or period == 1 or steps == 1, "window_llada supports cfg_scale only with refresh_cycle 1")
 
 
-@register("window_llada", LLADA, "Window-Diffusion LLaDA: periodic full refresh, pruned steps over an active window")
+@register("window_llada", LLADA, "Window-Diffusion LLaDA: periodic full refresh, pruned steps over an active window",
+          WindowLladaOptions)
 class WindowLlada(LoopState):
     slots_needed = staticmethod(cfg_slots)  # guidance's prompt-masked twin gets slots of its own
 

