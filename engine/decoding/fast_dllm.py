@@ -16,14 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..model import LLADA
 from .llada import block_plan
 from .options import Blocks, LladaSampling
 from .registry import check, register
-from .sampling import (argmax, factor_select, gumbel_perturb, llada_schedule, random_confidence, threshold_select,
-                       top_k_select)
+from .sampling import (argmax, chosen_probability, factor_select, gumbel_perturb, llada_schedule, random_confidence,
+                       threshold_select, top_k_select)
 from .step import LoopState, full_plan, span_plan
 
 
@@ -37,8 +36,7 @@ def transfer(logits, opts: FastDllmOptions, mask_index, x, count, gen):
     """Fast-dLLM's get_transfer_index over one slice: (candidate tokens, bool commit mask), both like `x`."""
     x0 = argmax(gumbel_perturb(logits, opts.temperature, gen))
     if opts.remasking == "low_confidence":
-        p = F.softmax(logits.to(torch.float64), dim=-1)
-        conf = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+        conf = chosen_probability(logits, x0, mask_index, torch.float64)  # float64, as the reference
     else:
         conf = random_confidence((x0.shape[0], x0.shape[1]), gen, x0.device)
     x0 = torch.where(mask_index, x0, x)

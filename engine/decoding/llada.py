@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..model import LLADA
 from .options import Blocks, LladaSampling
 from .registry import check, register
-from .sampling import argmax, gumbel_perturb, llada_schedule, random_confidence, top_k_select
+from .sampling import argmax, chosen_probability, gumbel_perturb, llada_schedule, random_confidence, top_k_select
 from .step import LoopState, StepPlan, StepResult, full_plan
 
 
@@ -75,7 +74,9 @@ class Llada(LoopState):
                     logits = cfg_logits((yield cfg_plan(x, prompt_index, spec.mask_id)), opts.cfg_scale)
                 else:
                     logits = (yield full_plan(x)).stack()  # [B, N, V]
-                x0, conf = _propose(logits, opts, spec, gen)
+                in_block = mask_index.clone()
+                in_block[:, block_end:] = False
+                x0, conf = _propose(logits, opts, spec, gen, in_block)
                 conf[:, block_end:] = -np.inf
                 x0 = torch.where(mask_index, x0, x)
                 confidence = torch.where(mask_index, conf, -np.inf)
@@ -83,8 +84,9 @@ class Llada(LoopState):
                 x[chosen] = x0[chosen]
 
 
-def _propose(logits: torch.Tensor, opts: LladaOptions, spec, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step's candidate tokens [B, L] and their confidence [B, L], as the reference computes them."""
+def _propose(logits: torch.Tensor, opts: LladaOptions, spec, gen, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's candidate tokens [B, L] and their confidence [B, L], as the reference computes them (the
+    softmax confidence only at `rows`, the positions that can commit; -inf elsewhere)."""
     if opts.logits_eos_inf:
         logits[:, :, spec.eos_id] = -torch.inf
     noisy = gumbel_perturb(logits, opts.temperature, gen)
@@ -95,8 +97,7 @@ def _propose(logits: torch.Tensor, opts: LladaOptions, spec, gen) -> tuple[torch
         noisy[:, :, spec.eos_id] = -torch.inf
         logits[:, :, spec.eot_id] = -torch.inf
     if opts.remasking == "low_confidence":
-        p = F.softmax(logits, dim=-1)
-        conf = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+        conf = chosen_probability(logits, x0, rows)  # in the logits' dtype, as the reference
     else:
         conf = random_confidence((x0.shape[0], x0.shape[1]), gen, x0.device)
     return x0, conf

@@ -26,6 +26,19 @@ def gumbel_perturb(logits: torch.Tensor, temperature: float, gen: torch.Generato
     return logits.exp() / (-torch.log(u)) ** temperature
 
 
+def chosen_probability(logits: torch.Tensor, x0: torch.Tensor, rows: torch.Tensor,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """softmax(logits)[x0] at the positions `rows` marks (bool like x0), -inf elsewhere; softmax in `dtype` (default
+    the logits'). Only the marked rows are normalised: softmax is row-wise, so their values are those of the whole
+    tensor's, and a step's other canvas rows (decoded, or outside the block) cost nothing (a [rows, vocab] float64
+    block is ~1 MB a row at LLaDA's vocabulary)."""
+    out = torch.full(x0.shape, -torch.inf, dtype=dtype or logits.dtype, device=x0.device)
+    picked = logits[rows]  # [n, V]
+    picked = picked if dtype is None else picked.to(dtype)
+    out[rows] = torch.gather(F.softmax(picked, dim=-1), -1, x0[rows].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
 def llada_schedule(block_masks: torch.Tensor, steps: int) -> torch.Tensor:
     """[B, n] mask flags -> [B, steps] tokens to commit per step: n // steps, +1 on the first n % steps steps."""
     n = block_masks.sum(dim=1, keepdim=True)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..model import DREAM, LLADA
 from .fast_dllm import FastDllmOptions
@@ -28,7 +27,7 @@ from .fast_dllm import transfer as fast_dllm_transfer
 from .fast_dllm_dream import FastDllmDreamOptions, schedule_step
 from .llada import block_plan
 from .registry import check, register
-from .sampling import argmax, gumbel_perturb, llada_schedule, sample_tokens, shift_logits
+from .sampling import argmax, chosen_probability, gumbel_perturb, llada_schedule, sample_tokens, shift_logits
 from .step import LoopState, StepPlan, segment
 
 DEFAULT_WINDOW = 32  # both references' window_size default (used when opts.window_size is None)
@@ -91,8 +90,7 @@ def llada_transfer(logits, opts: StreamingLladaOptions, mask_index, x, quota, th
         return fast_dllm_transfer(logits, opts.with_(threshold=None), mask_index, x, None, gen)
     x0 = argmax(gumbel_perturb(logits, opts.temperature, gen))
     if opts.remasking == "low_confidence":
-        p = F.softmax(logits.to(torch.float64), dim=-1)
-        conf = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+        conf = chosen_probability(logits, x0, mask_index, torch.float64)
     else:
         conf = torch.rand(x0.shape, dtype=torch.float64, generator=gen, device=x0.device)
     x0 = torch.where(mask_index, x0, x)

@@ -19,13 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..model import LLADA
 from .llada import cfg_logits, cfg_plan, cfg_slots
 from .options import LladaSampling
 from .registry import check, register
-from .sampling import argmax, gumbel_perturb, llada_schedule, random_confidence, top_k_select
+from .sampling import argmax, chosen_probability, gumbel_perturb, llada_schedule, random_confidence, top_k_select
 from .step import LoopState, StepPlan, StepResult, full_plan, segment
 
 DEFAULT_PERIOD = 5  # the reference's window_size default: the refresh period when refresh_cycle is not given
@@ -99,13 +98,14 @@ class LladaWindow:
         return (outside & (x_row == mask_id)).nonzero()[:, 0]
 
 
-def _propose(logits: torch.Tensor, opts: WindowLladaOptions, gen) -> tuple[torch.Tensor, torch.Tensor]:
+def _propose(logits: torch.Tensor, opts: WindowLladaOptions, gen,
+             rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[1, L, V] logits -> candidate tokens and their confidence, both [1, L], with the reference's draws:
-    Gumbel noise over all L rows first, then (random remasking) one uniform per row."""
+    Gumbel noise over all L rows first, then (random remasking) one uniform per row. The softmax confidence is
+    computed at `rows` (the masked ones) only, -inf elsewhere."""
     x0 = argmax(gumbel_perturb(logits, opts.temperature, gen))
     if opts.remasking == "low_confidence":
-        p = F.softmax(logits, dim=-1)  # in the logits' dtype, unlike Fast-dLLM's float64
-        return x0, torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+        return x0, chosen_probability(logits, x0, rows)  # in the logits' dtype, unlike Fast-dLLM's float64
     return x0, random_confidence((x0.shape[0], x0.shape[1]), gen, x0.device)
 
 
@@ -120,7 +120,7 @@ def _refresh_commit(x: torch.Tensor, result: StepResult, mask_id: int, count: in
     The cache keeps the K/V of the committed positions as computed from the mask token."""
     mask_index = x == mask_id
     logits = cfg_logits(result, opts.cfg_scale) if opts.cfg_scale > 0 else result.stack()  # [1, N, V]
-    x0, conf = _propose(logits, opts, gen)
+    x0, conf = _propose(logits, opts, gen, mask_index)
     x0 = torch.where(mask_index, x0, x)
     confidence = torch.where(mask_index, conf, -np.inf)
     chosen = top_k_select(confidence, [count])  # over the whole canvas: far-field masks can be committed
@@ -140,7 +140,7 @@ def _pruned_commit(x: torch.Tensor, win: LladaWindow, result: StepResult, mask_i
                    opts: WindowLladaOptions, gen) -> None:
     """Commit the top `count` active masks and slide the active set."""
     ids = x[:, win.active]  # [1, n_active]
-    x0, conf = _propose(result.stack(), opts, gen)  # logits [1, n_active, V]
+    x0, conf = _propose(result.stack(), opts, gen, ids == mask_id)  # logits [1, n_active, V]
     confidence = torch.where(ids == mask_id, conf, -np.inf)
     # No "still masked" guard, as in the reference: were count above the active masks, a -inf (decoded) entry
     # would be chosen and overwritten with its new argmax.
