@@ -333,16 +333,15 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
 
 def parse_options(text: str) -> dict:
     """'threshold=0.9,active_tokens=8,refresh=full' -> the window method's options with their declared types."""
-    from diffuserve.tools.cli import _parse_bool
+    from diffuserve.tools.cli import option_types
 
-    out, cls = {}, METHODS["window"].options
+    out, names, parse = {}, METHODS["window"].options.field_names(), option_types()
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        if key not in cls.field_names():
+        if key not in names:
             raise SystemExit(f"--window: method 'window' has no option {key!r}; its options: "
-                             f"{', '.join(sorted(cls.field_names()))}")
-        kind = cls.field_type(key)
-        out[key] = _parse_bool(value) if kind is bool else kind(value)
+                             f"{', '.join(sorted(names))}")
+        out[key] = parse[key](value)  # the command line's parser of that option
     return out
 
 
