@@ -1,16 +1,23 @@
 """Every LLaDA-family decoding method side by side, on the same model and prompts, in one run.
 
     python -m bench.decode [--models tiny-task,tiny-text,random-100m] [--lengths 256,512,1024,2048] [--batch 1,8]
-                           [--methods vanilla,fast_dllm_prefix,...] [--n 8] [--dtype float32|bfloat16]
-                           [--json FILE] [--md FILE] [--plot DIR]
+                           [--methods vanilla,fast_dllm_prefix,...] [--n 8] [--prompts report|tune]
+                           [--vanilla-forwards K] [--dtype float32|bfloat16] [--json FILE] [--md FILE] [--plot DIR]
 
 For each model, generation length and batch size, each method decodes the same prompts and the table reports
 generated tokens/s (non-EOS tokens after stop truncation, as the papers count), the speed-up over vanilla (the
 reference sampler, one token per step), forward passes, query rows computed per generated token, and, on tiny-task,
 exact match / validity from the task checkers. Batch B: every method runs B concurrent requests through the serving
 engine (scheduler, runner, KV pool), sharing its steps, as the server runs them; batch 1 runs each request alone
-through the same engine step (`window` through the engine as served, the others through `engine.offline`). A length
-the model cannot hold is skipped and says so.
+through the same engine step (`window` through the engine as served, the others through `engine.offline`).
+
+A length the model's positions cannot hold beside the prompt is decoded on the longest canvas they allow (tiny-task,
+2048 positions: 2048 asked -> 2048 - prompt generated), and the table says so ("2048 -> 2034"). On tiny-task the
+prompts come from one of two disjoint held-out sets: `report` (what tables show) or `tune` (what defaults are chosen
+on, bench.sweep). `--vanilla-forwards K` times vanilla for about K forwards per prompt (whole blocks, more tokens per
+step) and scales its time, forwards and rows to the full step count, which is exact for those because every
+vanilla forward computes the whole canvas; its tokens and answers are those of the shorter run, and the table marks
+the row as scaled.
 """
 
 from __future__ import annotations
@@ -35,14 +42,20 @@ METHOD_OPTIONS = {
     "fast_dllm_dual": dict(block_length=32, threshold=0.9),
     "window_llada": dict(),
     "streaming_llada": dict(block_length=32, threshold=0.9),
-    # our mode: threshold 0.95 and 16 active masks, measured on tiny-task at 1024 (docs/benchmarks.md): 0.9 let one
-    # wrong digit through in 8 answers; 16 active masks halve the forwards of 8 at the same answers
-    "window": dict(threshold=0.95, active_tokens=16),
+    # our mode, chosen with bench.sweep on tiny-task's tune prompts at 1024 (docs/benchmarks.md): 32 active masks,
+    # threshold 0.9, a step with no sure candidate commits the best of the first 4 masks (after 3 such steps even
+    # when others commit), commits recomputed once, refreshes of the masks only
+    "window": dict(threshold=0.9, active_tokens=32, force="frontier", stall_steps=3, fresh="once", refresh="buffer"),
     "freecache": dict(block_length=32, threshold=0.9),
     "guided": dict(),
 }
 # guided needs a causal verifier sharing the model's tokenizer; a model without one skips the method
 VERIFIERS = {"tiny-text": "tiny-text-ar", "tiny-task": "tiny-task-ar"}
+# tiny-task's held-out prompt sets (tools.train.task_data.heldout seeds): tables report on one, defaults are tuned
+# on the other. The tune set leaves out every prompt of the report set's first REPORT_MAX examples (count prompts
+# repeat across draws: there are only ~170 of them).
+PROMPT_SEEDS = {"report": 99991, "tune": 12345}
+REPORT_MAX = 128
 RANDOM_100M = dict(family="llada", vocab_size=8192, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
                    intermediate_size=2048, rope_theta=10000.0, rms_norm_eps=1e-5, qkv_bias=False, max_positions=4096,
                    mask_id=8191, eos_id=8190, pad_id=8190, bos_id=8189, eot_id=8188)
@@ -51,7 +64,7 @@ RANDOM_100M = dict(family="llada", vocab_size=8192, hidden_size=768, num_layers=
 @dataclass
 class Row:
     model: str
-    gen_length: int
+    gen_length: int  # positions generated (the longest canvas the model allows, when less than asked)
     batch: int
     method: str
     tokens: int = 0
@@ -60,7 +73,8 @@ class Row:
     query_rows: int = 0
     correct: int = 0
     checked: int = 0
-    extrapolated_from: int = 0  # vanilla only: the forwards actually run when --vanilla-forwards cut them short
+    extrapolated_from: int = 0  # vanilla only: the steps actually run when --vanilla-forwards cut them short
+    asked_length: int = 0  # the --lengths value, when the model's positions did not allow it
     per_task: dict = field(default_factory=dict)  # tiny-task: task -> [correct, checked]
 
     @property
@@ -111,17 +125,22 @@ def load(name: str, dtype: str = "float32"):
     return LLM(name, dtype)
 
 
-def prompts_for(llm, name: str, n: int, batch: int, gen: int = 1024) -> list[tuple[list[int], object]]:
+def prompts_for(llm, name: str, n: int, batch: int, gen: int = 1024,
+                prompts: str = "report") -> list[tuple[list[int], object]]:
     """n prompts (with their task example on tiny-task), in groups of `batch` with equal token lengths. On tiny-task
     the tasks take turns group by group (batch 1: count, sentences, count, ...), and only examples whose answer and
-    one EOS fit `gen` positions are used: a longer one cannot be right on that canvas."""
+    one EOS fit `gen` positions are used: a longer one cannot be right on that canvas. `prompts`: which held-out
+    set (PROMPT_SEEDS)."""
     if name == "tiny-task":
         from diffuserve.tools.evaluate import task_prompts
 
         # task -> prompt length -> prompts: a batch of the reference loops needs equal prompt lengths, and a task's
         # prompts share one length ("count down from" and four residue tokens)
         by_task = defaultdict(lambda: defaultdict(list))
-        for ex, ids in task_prompts(llm, 40 * max(n, batch)):
+        report = {tuple(ex.prompt) for ex, _ in task_prompts(llm, REPORT_MAX, PROMPT_SEEDS["report"])}
+        for ex, ids in task_prompts(llm, 40 * max(n, batch), PROMPT_SEEDS[prompts]):
+            if prompts != "report" and tuple(ex.prompt) in report:
+                continue
             if len(ex.answer) < gen:
                 by_task[ex.task][len(ids)].append((ids, ex))
         queues = {}
@@ -164,18 +183,22 @@ def method_of(llm, method: str):
     return METHODS[llm.default_method() if method == "vanilla" else method]
 
 
+def vanilla_scaled(method: str, opts: DecodeOptions, vanilla_forwards: int, row: Row) -> tuple[DecodeOptions, float]:
+    """-> (the options to run, the factor wall time, forwards and rows are scaled by). Vanilla's every forward is the
+    same full canvas whatever the step count, so its time, forwards and rows for `steps` follow exactly from fewer
+    steps (whole blocks): hours become minutes at 2048. Its tokens and answers are the shorter run's."""
+    if method != "vanilla" or not 0 < vanilla_forwards < opts.n_steps:
+        return opts, 1.0
+    blocks = opts.gen_length // opts.n_block
+    run_opts = opts.with_(steps=max(1, vanilla_forwards // blocks) * blocks)
+    row.extrapolated_from = run_opts.n_steps
+    return run_opts, opts.n_steps / run_opts.n_steps
+
+
 def run_reference(llm, method: str, opts: DecodeOptions, group, row: Row, vanilla_forwards: int = 0) -> None:
     """One request (batch 1) through the engine's step with a pool of one (engine.offline)."""
     m = method_of(llm, method)
-    scale, run_opts = 1.0, opts
-    if method == "vanilla" and llm.tokenizer is None and 0 < vanilla_forwards < opts.n_steps:
-        # Vanilla's every forward is the same full canvas whatever the step count, so its wall time, forwards and
-        # rows for `steps` follow exactly from fewer steps (whole blocks): hours become minutes on random-100m.
-        # Only on the random-weight model, where no token means anything (its tokens come from the shorter run).
-        blocks = opts.gen_length // opts.n_block
-        run_opts = opts.with_(steps=max(1, vanilla_forwards // blocks) * blocks)
-        scale = opts.n_steps / run_opts.n_steps
-        row.extrapolated_from = run_opts.n_steps
+    run_opts, scale = vanilla_scaled(method, opts, vanilla_forwards, row)
     prompt = torch.tensor([ids for ids, _ in group], dtype=torch.long)  # [B, L], equal lengths by construction
     with RowCounter(llm.model) as rc:
         t0 = time.perf_counter()
@@ -187,7 +210,7 @@ def run_reference(llm, method: str, opts: DecodeOptions, group, row: Row, vanill
         score(row, llm, res.ids[b].tolist(), ex)
 
 
-def run_engine(llm, method: str, opts: DecodeOptions, group, row: Row) -> None:
+def run_engine(llm, method: str, opts: DecodeOptions, group, row: Row, vanilla_forwards: int = 0) -> None:
     """B concurrent requests of any method through the serving engine, as the server runs them."""
     import threading
 
@@ -205,6 +228,7 @@ def run_engine(llm, method: str, opts: DecodeOptions, group, row: Row) -> None:
             if not left[0]:
                 done.set()
 
+    opts, scale = vanilla_scaled(method, opts, vanilla_forwards, row)
     for i, (ids, _) in enumerate(group):
         reqs.append(Request(f"bench-{i}", ids, method_of(llm, method), opts, i, sink, llm.tokenizer,
                             llm.spec.stop_ids, llm.spec.mask_id))
@@ -214,10 +238,10 @@ def run_engine(llm, method: str, opts: DecodeOptions, group, row: Row) -> None:
     with RowCounter(llm.model) as rc:
         t0 = time.perf_counter()
         offline.run_to_idle(engine)  # driven here, synchronously: no thread hand-off in the timing
-        row.wall_s += time.perf_counter() - t0
+        row.wall_s += (time.perf_counter() - t0) * scale
     assert done.is_set()
-    row.forward_passes += rc.calls  # model forwards (a verifier-only step of `guided` makes none)
-    row.query_rows += rc.rows
+    row.forward_passes += round(rc.calls * scale)  # model forwards (a verifier-only step of `guided` makes none)
+    row.query_rows += round(rc.rows * scale)
     for r, (_, ex) in zip(reqs, group):
         assert r.phase.value == "finished", (r.request_id, r.phase)
         tally(row, tokens[r.request_id], texts[r.request_id], ex)
@@ -237,30 +261,39 @@ def options_for(model: str, method: str, gen: int, overrides: dict | None = None
     return opts.with_(verifier=verifier) if verifier in bundled_names() else None
 
 
+def fit_length(llm, name: str, n: int, batch: int, asked: int, prompts: str, out) -> int:
+    """The generation length to decode for `asked`: itself, or the longest canvas the model's positions allow
+    beside the longest prompt (0: not even half of it fits)."""
+    longest = max(len(ids) for ids, _ in prompts_for(llm, name, n, batch, asked, prompts))
+    gen = min(asked, llm.spec.max_positions - longest)
+    if gen < asked:
+        print(f"{name} gen {asked}: {gen} generated (prompt {longest} + {asked} > {llm.spec.max_positions} "
+              f"positions){'' if 2 * gen >= asked else ': skipped'}", file=out, flush=True)
+    return gen if 2 * gen >= asked else 0
+
+
 def bench(models, lengths, batches, methods, n, out=sys.stderr, vanilla_forwards: int = 0,
-          dtype: str = "float32", overrides: dict | None = None) -> list[dict]:
+          dtype: str = "float32", overrides: dict | None = None, prompts: str = "report") -> list[dict]:
     results = []
     for name in models:
         llm = load(name, dtype)
-        for gen in lengths:
+        for asked in lengths:
             for batch in batches:
-                group_prompts = prompts_for(llm, name, n, batch, gen)
-                longest = max(len(ids) for ids, _ in group_prompts)
-                if longest + gen > llm.spec.max_positions:
-                    print(f"{name} gen {gen}: skipped (prompt + {gen} > {llm.spec.max_positions} positions)",
-                          file=out, flush=True)
+                gen = fit_length(llm, name, n, batch, asked, prompts, out)
+                if not gen:
                     continue
+                group_prompts = prompts_for(llm, name, n, batch, gen, prompts)
                 rows = {}
                 for method in methods:
                     opts = options_for(name, method, gen, (overrides or {}).get(method))
                     if opts is None:
                         print(f"{name}: {method} skipped (no bundled verifier for this model)", file=out, flush=True)
                         continue
-                    row = rows[method] = Row(name, gen, batch, method)
+                    row = rows[method] = Row(name, gen, batch, method, asked_length=asked if gen < asked else 0)
                     for k in range(0, len(group_prompts), batch):
                         group = group_prompts[k:k + batch]
-                        (run_engine(llm, method, opts, group, row) if method == "window" or batch > 1
-                         else run_reference(llm, method, opts, group, row, vanilla_forwards))
+                        run = run_engine if method == "window" or batch > 1 else run_reference
+                        run(llm, method, opts, group, row, vanilla_forwards)
                     d = row.as_dict(rows.get("vanilla"))
                     results.append(d)
                     print(f"{name} gen {gen} batch {batch} {method}: {d['tok_s']} tok/s, x{d['speedup']}, "
@@ -278,8 +311,10 @@ def table(results: list[dict]) -> str:
             q += " (" + ", ".join(f"{t} {c}/{k}" for t, (c, k) in sorted(d["per_task"].items())) + ")"
         passes = d["forward_passes"]
         if d.get("extrapolated_from"):
-            passes = f"{passes} (timed {d['extrapolated_from']} per group, scaled)"
-        lines.append(f"| {d['model']} | {d['gen_length']} | {d['batch']} | `{d['method']}` | {d['tok_s']} | "
+            passes = f"{passes} (scaled from {d['extrapolated_from']} steps per request)"
+            q += f" (at {d['extrapolated_from']} steps)" if q else ""
+        gen = f"{d['asked_length']} -> {d['gen_length']}" if d.get("asked_length") else d["gen_length"]
+        lines.append(f"| {d['model']} | {gen} | {d['batch']} | `{d['method']}` | {d['tok_s']} | "
                      f"{d['speedup']}x | {passes} | {d['rows_per_token']} | {q} |")
     return "\n".join(lines)
 
@@ -353,9 +388,11 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHOD_OPTIONS))
     ap.add_argument("--n", type=int, default=8, help="prompts per (model, length, batch)")
     ap.add_argument("--vanilla-forwards", type=int, default=0,
-                    help="on random-100m, run vanilla for about this many forwards "
-                         "(whole blocks) and scale its time, forwards and rows to the full step count: each of "
-                         "its forwards costs the same (0: run it all)")
+                    help="run vanilla for about this many steps per request (whole blocks) and scale its time, "
+                         "forwards and rows to the full step count: each of its forwards costs the same; its tokens "
+                         "and answers are the shorter run's (0: run it all)")
+    ap.add_argument("--prompts", default="report", choices=sorted(PROMPT_SEEDS),
+                    help="tiny-task's held-out prompt set: report (tables) or tune (choosing defaults)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="every method runs in this dtype (bfloat16: about 5x faster forwards on CPUs with AMX)")
     ap.add_argument("--window", metavar="K=V,...", help="override our window mode's options, e.g. "
@@ -372,7 +409,7 @@ def main(argv=None) -> int:
     overrides = {"window": parse_options(args.window)} if args.window else None
     results = bench(args.models.split(","), [int(x) for x in args.lengths.split(",")],
                     [int(x) for x in args.batch.split(",")], methods, args.n, vanilla_forwards=args.vanilla_forwards,
-                    dtype=args.dtype, overrides=overrides)
+                    dtype=args.dtype, overrides=overrides, prompts=args.prompts)
     md = table(results)
     print(md)
     if args.json:

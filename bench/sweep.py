@@ -1,13 +1,17 @@
-"""Choose the `window` serving mode's defaults by measurement: a grid of window sizes, side by side in one run.
+"""Choose the `window` serving mode's defaults by measurement: a grid of its options, side by side in one run.
 
-    python -m bench.sweep [--model tiny-text] [--gen 64] [--windows 32,64] [--actives 4,8] [--refreshes 8,16,32]
-                          [--batch 16] [--rounds 2] [--n 8] [--json FILE]
+    python -m bench.sweep [--model tiny-task|tiny-text] [--gen 1024] [--grid "threshold=0.9,0.95;active_tokens=8,16"]
+                          [--window K=V,...] [--batch 8] [--rounds 1] [--n 16] [--json FILE]
 
-For every (W, A, R) it reports, through the serving engine as the server runs it: output tokens/s with one
-request at a time and with `--batch` concurrent requests (the best of `--rounds` rounds, the settings interleaved
-round by round so that the machine's drift hits them all alike), their ratio, and query rows computed per
-generated token; and, from bench.quality on the same model, agreement with vanilla decoding and the ELBO of the
-continuations (tiny-text) or exact match / validity (tiny-task). Rows are sorted by concurrent tokens/s.
+Every combination of the `--grid` values (any WindowOptions fields, on top of bench.decode's defaults for the mode
+and `--window`) is measured through the serving engine as the server runs it: output tokens/s with one request at
+a time and with `--batch` concurrent requests (the best of `--rounds` rounds, the settings interleaved round by
+round so that the machine's drift hits them all alike), their ratio, forward passes and query rows computed per
+generated token; and next to speed, quality:
+ - tiny-task: answers right (count exact match, sentences validity) on the *tune* prompt set (bench.decode
+   `--prompts tune`), never on the set the tables report;
+ - tiny-text: agreement with vanilla decoding and the ELBO of the continuations (bench.quality).
+Rows are sorted by answers right, then by tokens/s with one request.
 """
 
 from __future__ import annotations
@@ -17,60 +21,89 @@ import itertools
 import json
 import sys
 
-from bench.decode import Row, load, prompts_for, run_engine
+from bench.decode import Row, load, options_for, parse_options, prompts_for, run_engine, tally
 from diffuserve.engine.decoding.window import WindowOptions
 
-
-def settings(windows, actives, refreshes, gen: int) -> list[WindowOptions]:
-    return [WindowOptions(gen_length=gen, steps=gen, window_tokens=w, active_tokens=a, refresh_cycle=r,
-                          eos_early_exit=True)
-            for w, a, r in itertools.product(windows, actives, refreshes) if a <= w]
+# the flags of the first version of this tool, kept as shorthands for grid entries
+SHORTHANDS = {"windows": "window_tokens", "actives": "active_tokens", "refreshes": "refresh_cycle"}
 
 
-def speed(llm, name: str, opts: WindowOptions, batch: int) -> tuple[Row, Row]:
-    """One round: every prompt alone, then `batch` requests at once (the prompt list repeated to fill it)."""
+def parse_grid(text: str) -> dict[str, list]:
+    """'threshold=0.9,0.95;active_tokens=8,16' -> {"threshold": [0.9, 0.95], "active_tokens": [8, 16]}."""
+    grid = {}
+    for item in filter(None, text.split(";")):
+        key, _, values = item.partition("=")
+        grid[key] = [parse_options(f"{key}={v}")[key] for v in values.split(",")]
+    return grid
+
+
+def settings(grid: dict[str, list], gen: int, model: str = "tiny-task", base: dict | None = None
+             ) -> list[WindowOptions]:
+    """Every combination of the grid's values over the mode's bench.decode options (A <= W where both vary)."""
+    keys = list(grid)
+    out = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        opts = options_for(model, "window", gen, {**(base or {}), **dict(zip(keys, values))})
+        if opts.active_tokens <= opts.window_tokens:
+            out.append(opts)
+    return out
+
+
+def prompts(llm, name: str, n: int, gen: int) -> list[tuple[list[int], object]]:
     if name == "tiny-text":  # eight different openings (bench.decode repeats one, for equal-length batches)
         from bench.quality import TEXT_PROMPTS
 
-        prompts = [(llm.encode(t), None) for t in TEXT_PROMPTS]
-    else:
-        prompts = prompts_for(llm, name, 8, 1)
-    one, many = Row(name, opts.gen_length, 1, "window"), Row(name, opts.gen_length, batch, "window")
-    for p in prompts:
+        return [(llm.encode(t), None) for t in TEXT_PROMPTS][:n]
+    return prompts_for(llm, name, n, 1, gen, "tune")
+
+
+def speed(llm, opts: WindowOptions, group, batch: int) -> tuple[Row, Row]:
+    """One round: every prompt alone (answers tallied), then `batch` requests at once (the prompts repeated)."""
+    one, many = Row("", opts.gen_length, 1, "window"), Row("", opts.gen_length, batch, "window")
+    for p in group:
         run_engine(llm, "window", opts, [p], one)
-    run_engine(llm, "window", opts, [prompts[i % len(prompts)] for i in range(batch)], many)
+    run_engine(llm, "window", opts, [group[i % len(group)] for i in range(batch)], many)
     return one, many
 
 
-def quality(llm, opts: WindowOptions, n: int) -> dict:
-    from bench.quality import eval_task, eval_text, is_task_model
+def text_quality(llm, opts: WindowOptions, n: int) -> dict:
+    from bench.quality import eval_text
 
-    if is_task_model(llm):
-        scores = eval_task(llm, "window", opts, n, 0)
-        return {task: row.get("exact_match", row.get("validity")) for task, row in scores["tasks"].items()}
     scores = eval_text(llm, "window", opts, n, 0)
     return {"agreement": scores["agreement_with_vanilla"], "elbo": scores["elbo_nats_per_token"]}
 
 
-def sweep(name: str, grid: list[WindowOptions], batch: int, rounds: int, n: int, out=sys.stderr) -> list[dict]:
+def sweep(name: str, grid: list[WindowOptions], keys: list[str], batch: int, rounds: int, n: int,
+          out=sys.stderr) -> list[dict]:
     llm = load(name)
-    speed(llm, name, grid[0], batch)  # warm-up: first-call allocations and thread pools
+    group = prompts(llm, name, n, grid[0].gen_length)
+    speed(llm, grid[0], group[:1], 1)  # warm-up: first-call allocations and thread pools
     best: dict[int, tuple[float, float, Row, Row]] = {}
     for r in range(rounds):
         for i, opts in enumerate(grid):
-            one, many = speed(llm, name, opts, batch)
+            one, many = speed(llm, opts, group, batch)
             old = best.get(i)
             best[i] = (max(one.tok_s, old[0] if old else 0), max(many.tok_s, old[1] if old else 0), one, many)
-            print(f"round {r + 1}/{rounds} W={opts.window_tokens} A={opts.active_tokens} R={opts.refresh_cycle}: "
-                  f"c1 {one.tok_s:.1f} c{batch} {many.tok_s:.1f} tok/s", file=out, flush=True)
+            label = " ".join(f"{k}={getattr(opts, k)}" for k in keys)
+            print(f"round {r + 1}/{rounds} {label}: c1 {one.tok_s:.1f} c{batch} {many.tok_s:.1f} tok/s, "
+                  f"{one.forward_passes} forwards, right {one.correct}/{one.checked}", file=out, flush=True)
     results = []
     for i, opts in enumerate(grid):
         c1, cb, one, many = best[i]
-        results.append({"W": opts.window_tokens, "A": opts.active_tokens, "R": opts.refresh_cycle,
-                        "c1_tok_s": round(c1, 1), f"c{batch}_tok_s": round(cb, 1), "ratio": round(cb / c1, 2),
-                        "rows_per_token": round(many.query_rows / max(1, many.tokens), 1),
-                        **quality(llm, opts, n)})
-    return sorted(results, key=lambda d: -d[f"c{batch}_tok_s"])
+        d = {k: getattr(opts, k) for k in keys}
+        d.update({"c1_tok_s": round(c1, 1), f"c{batch}_tok_s": round(cb, 1), "ratio": round(cb / c1, 2),
+                  "forwards": one.forward_passes, "rows_per_token": round(one.query_rows / max(1, one.tokens), 1)})
+        if one.checked:
+            d["right"] = f"{one.correct}/{one.checked}"
+            d.update({t: f"{c}/{k}" for t, (c, k) in sorted(one.per_task.items())})
+        else:
+            d.update(text_quality(llm, opts, n))
+        results.append(d)
+    return sorted(results, key=lambda d: (-one_right(d), -d["c1_tok_s"]))
+
+
+def one_right(d: dict) -> int:
+    return int(d["right"].split("/")[0]) if "right" in d else 0
 
 
 def table(results: list[dict]) -> str:
@@ -82,19 +115,25 @@ def table(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny-text")
-    ap.add_argument("--gen", type=int, default=64)
-    ap.add_argument("--windows", default="32,64")
-    ap.add_argument("--actives", default="4,8")
-    ap.add_argument("--refreshes", default="8,16,32")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--n", type=int, default=8, help="bench.quality examples per setting")
+    ap.add_argument("--model", default="tiny-task")
+    ap.add_argument("--gen", type=int, default=1024)
+    ap.add_argument("--grid", default="", help="'key=v1,v2;key2=...' over WindowOptions fields")
+    ap.add_argument("--window", default="", metavar="K=V,...", help="fixed options under every grid point")
+    for flag, key in SHORTHANDS.items():
+        ap.add_argument(f"--{flag}", help=f"shorthand for --grid {key}=...")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--n", type=int, default=16, help="prompts per setting (tiny-task: from the tune set)")
     ap.add_argument("--json", help="write the rows as JSON here")
     args = ap.parse_args(argv)
-    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
-    grid = settings(ints(args.windows), ints(args.actives), ints(args.refreshes), args.gen)
-    results = sweep(args.model, grid, args.batch, args.rounds, args.n)
+    grid = parse_grid(args.grid)
+    for flag, key in SHORTHANDS.items():
+        if getattr(args, flag):
+            grid[key] = parse_grid(f"{key}={getattr(args, flag)}")[key]
+    if not grid:
+        ap.error("nothing to sweep: give --grid (or --windows/--actives/--refreshes)")
+    points = settings(grid, args.gen, args.model, parse_options(args.window))
+    results = sweep(args.model, points, list(grid), args.batch, args.rounds, args.n)
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -51,23 +51,34 @@ def test_window_overrides_apply_to_that_run_and_leave_the_method_table_alone():
     opts = decode.options_for("tiny-text", "window", 64, decode.parse_options("threshold=0.5,active_tokens=3"))
     assert (opts.threshold, opts.active_tokens) == (0.5, 3)
     assert decode.METHOD_OPTIONS["window"] == before
-    assert decode.options_for("tiny-text", "window", 64).threshold == before["threshold"] == 0.95
+    assert decode.options_for("tiny-text", "window", 64).threshold == before["threshold"] == 0.9
 
 
 def test_sweep_measures_each_setting_and_fewer_active_tokens_compute_fewer_rows():
     from bench import sweep
 
-    grid = sweep.settings([16], [2, 8], [8], gen=24)
-    assert [(o.window_tokens, o.active_tokens, o.refresh_cycle) for o in grid] == [(16, 2, 8), (16, 8, 8)]
-    rows = sweep.sweep("tiny-text", grid, batch=2, rounds=1, n=1, out=open("/dev/null", "w"))
-    by_a = {d["A"]: d for d in rows}
+    grid = sweep.settings(sweep.parse_grid("active_tokens=2,8,32"), gen=24, model="tiny-text",
+                          base={"window_tokens": 16})
+    assert [(o.window_tokens, o.active_tokens) for o in grid] == [(16, 2), (16, 8)]  # A > W is left out
+    rows = sweep.sweep("tiny-text", grid, ["active_tokens"], batch=2, rounds=1, n=1, out=open("/dev/null", "w"))
+    by_a = {d["active_tokens"]: d for d in rows}
     assert set(by_a) == {2, 8}
     for d in rows:
         assert d["c1_tok_s"] > 0 and abs(d["ratio"] - d["c2_tok_s"] / d["c1_tok_s"]) < 0.01
-        assert 0 <= d["agreement"] <= 1 and d["elbo"] > 0
+        assert 0 <= d["agreement"] <= 1 and d["elbo"] > 0 and d["forwards"] > 0
     assert by_a[2]["rows_per_token"] < by_a[8]["rows_per_token"]
-    assert [d["c2_tok_s"] for d in rows] == sorted((d["c2_tok_s"] for d in rows), reverse=True)
+    assert [d["c1_tok_s"] for d in rows] == sorted((d["c1_tok_s"] for d in rows), reverse=True)
     assert sweep.table(rows).count("\n") == len(rows) + 1
+
+
+@pytest.mark.skipif("tiny-task" not in bundled_names(), reason="tiny-task is not in this checkout")
+def test_sweep_on_tiny_task_scores_answers_on_the_tune_set():
+    from bench import sweep
+
+    grid = sweep.settings(sweep.parse_grid("threshold=0.9"), gen=256)
+    rows = sweep.sweep("tiny-task", grid, ["threshold"], batch=2, rounds=1, n=2, out=open("/dev/null", "w"))
+    (d,) = rows
+    assert d["threshold"] == 0.9 and d["right"].endswith("/2") and set(d) >= {"count", "sentences"}
 
 
 def test_vanilla_extrapolation_reports_the_full_runs_forwards_and_rows(monkeypatch):
@@ -80,7 +91,18 @@ def test_vanilla_extrapolation_reports_the_full_runs_forwards_and_rows(monkeypat
     assert full["extrapolated_from"] == 0 and cut["extrapolated_from"] == 8  # 2 blocks of 32: 4 steps each
     assert cut["forward_passes"] == full["forward_passes"] == 64
     assert cut["query_rows"] == full["query_rows"] == 64 * (32 + 64)
-    assert "(timed 8 per group, scaled)" in decode.table([cut])
+    assert "(scaled from 8 steps per request)" in decode.table([cut])
+
+
+def test_vanilla_extrapolation_works_on_a_tokenized_model_alone_and_batched():
+    """--vanilla-forwards on every model: tiny-text, 32 tokens in one block, 8 steps timed instead of 32; alone, the
+    forwards and rows are exactly the full run's; batched through the engine they scale the same way."""
+    rows = decode.bench(["tiny-text"], [32], [1, 2], ["vanilla"], n=2, out=open("/dev/null", "w"), vanilla_forwards=8)
+    alone, batched = sorted(rows, key=lambda d: d["batch"])
+    assert alone["extrapolated_from"] == batched["extrapolated_from"] == 8
+    assert alone["forward_passes"] == 2 * 32  # two prompts, 32 steps each, as if run in full
+    assert batched["forward_passes"] <= 32 and batched["forward_passes"] % 4 == 0  # engine steps x 32 / 8
+    assert alone["tokens"] > 0 and "(scaled from 8 steps per request)" in decode.table(rows)
 
 
 @pytest.mark.skipif("tiny-task" not in bundled_names(), reason="tiny-task is not in this checkout")
@@ -103,6 +125,23 @@ def test_task_prompts_alternate_tasks_in_equal_length_groups_that_fit_the_canvas
     decode.tally(row, 3, "w0 x0 y0", sentences)
     assert row.per_task == {"count": [1, 1], "sentences": [1, 2]} and (row.correct, row.checked) == (2, 3)
     assert "(count 1/1, sentences 1/2)" in decode.table([row.as_dict(None)])
+
+
+@pytest.mark.skipif("tiny-task" not in bundled_names(), reason="tiny-task is not in this checkout")
+def test_a_length_past_the_positions_decodes_the_longest_canvas_they_allow_and_the_prompt_sets_are_disjoint():
+    from diffuserve.engine.llm import LLM
+
+    llm = LLM("tiny-task")
+    longest = max(len(ids) for ids, _ in decode.prompts_for(llm, "tiny-task", 4, 1, 2048))
+    out = open("/dev/null", "w")
+    assert decode.fit_length(llm, "tiny-task", 4, 1, 2048, "report", out) == llm.spec.max_positions - longest < 2048
+    assert decode.fit_length(llm, "tiny-task", 4, 1, 1024, "report", out) == 1024
+    assert decode.fit_length(llm, "tiny-task", 4, 1, 8192, "report", out) == 0  # not half of it fits: skipped
+    row = decode.Row("tiny-task", 2034, 1, "window", asked_length=2048)
+    assert "| tiny-task | 2048 -> 2034 | 1 |" in decode.table([row.as_dict(None)])
+    report, tune = (decode.prompts_for(llm, "tiny-task", 16, 1, 1024, s) for s in ("report", "tune"))
+    key = lambda ps: {tuple(ex.prompt) for _, ex in ps}  # noqa: E731
+    assert len(report) == len(tune) == 16 and not key(report) & key(tune)
 
 
 def test_window_options_parse_with_their_field_types():

@@ -95,12 +95,14 @@ def test_eos_early_exit_fills_the_tail_and_stops(model):
         assert out.forward_calls <= 64
 
 
-def test_with_a_threshold_a_stalled_frontier_commits_after_stall_steps(model):
+@pytest.mark.parametrize("stall_steps", [1, 3, 4])
+def test_with_a_threshold_a_stalled_frontier_commits_after_stall_steps(model, stall_steps):
     """Free choices (flat confidence) at the left must not wait while a sure token enters on the right every step:
-    after STALL_STEPS steps that commit none of the first FRONTIER masks, the most confident of them commits."""
-    from diffuserve.engine.decoding.window import FRONTIER, STALL_STEPS
+    after `stall_steps` steps that commit none of the first FRONTIER masks, the most confident of them commits."""
+    from diffuserve.engine.decoding.window import FRONTIER
 
-    dec = WindowDecoder(model.spec, torch.tensor(_prompts(1)[:1]), WindowOptions(gen_length=32, threshold=0.9), None)
+    opts = WindowOptions(gen_length=32, threshold=0.9, stall_steps=stall_steps)
+    dec = WindowDecoder(model.spec, torch.tensor(_prompts(1)[:1]), opts, None)
     plan = dec.plan().segments[0]
     first = dec.masks()[:FRONTIER]
     conf = torch.full((len(plan.logits_rows),), 0.1, dtype=torch.float64)
@@ -110,10 +112,54 @@ def test_with_a_threshold_a_stalled_frontier_commits_after_stall_steps(model):
     assert plan.positions[plan.logits_rows[:FRONTIER]].tolist() == first.tolist()
     chosen = dec._select(conf)
     assert chosen.nonzero()[:, 0].tolist() == [len(conf) - 1]
-    for _ in range(STALL_STEPS - 1):
+    for _ in range(stall_steps - 1):
         assert torch.equal(dec._keep_frontier_moving(conf, chosen), chosen)
     forced = dec._keep_frontier_moving(conf, chosen)
     assert forced.nonzero()[:, 0].tolist() == [best_front, len(conf) - 1]
     conf[0] = 0.95  # a sure frontier token commits by itself and resets the count
     assert torch.equal(dec._keep_frontier_moving(conf, dec._select(conf)), dec._select(conf))
     assert dec.stalled == 0
+
+
+def test_fresh_once_computes_a_committed_token_in_the_next_step_only_and_buffer_refresh_leaves_decoded_kv(model):
+    """fresh="once": a token committed in step t is a row of step t + 1 and of no later pruned step; a "buffer"
+    refresh computes the first W masks and those not-yet-recomputed tokens, never the prompt or older decoded ones."""
+    opts = WindowOptions(gen_length=64, steps=64, window_tokens=12, active_tokens=3, refresh_cycle=4,
+                         eos_early_exit=False, fresh="once", refresh="buffer")
+    dec = WindowDecoder(model.spec, torch.tensor(_prompts(1)[:1]), opts, None)
+    solo = offline.Solo(model, dec)
+    committed_at: dict[int, int] = {}  # position -> step it was committed in
+    step, buffer_refreshes = 0, 0
+    while dec.phase is not WindowPhase.DONE:
+        refresh = dec.phase is WindowPhase.REFRESH
+        first_w = set(dec.masks()[: dec.W].tolist())
+        before = dec.x[0].clone()
+        plan, _ = solo.step()
+        rows = set(plan.segments[0].positions.tolist())
+        decoded_rows = {p for p in rows if p in committed_at}
+        assert all(committed_at[p] == step - 1 for p in decoded_rows), "a decoded token was recomputed again"
+        assert decoded_rows == {p for p, s in committed_at.items() if s == step - 1}, "a commit was not recomputed"
+        if refresh and step > 0:
+            buffer_refreshes += 1
+            assert rows == first_w | decoded_rows and not rows & set(range(dec.prompt_len))
+        for p in (dec.x[0] != before).nonzero()[:, 0].tolist():
+            committed_at[p] = step
+        step += 1
+    assert buffer_refreshes >= 64 // 4 - 1 and len(committed_at) == 64
+    assert dec.done and not (dec.x == model.spec.mask_id).any()
+
+
+def test_force_frontier_commits_the_best_of_the_first_masks_when_no_candidate_is_sure(model):
+    """force="best" (Fast-dLLM's rule) commits the most confident candidate wherever it is; "frontier" the most
+    confident of the first FRONTIER masks; a candidate reaching the threshold commits alone under either."""
+    from diffuserve.engine.decoding.window import FRONTIER
+
+    for force, want in (("best", 9), ("frontier", 1)):
+        opts = WindowOptions(gen_length=32, threshold=0.9, active_tokens=16, force=force)
+        dec = WindowDecoder(model.spec, torch.tensor(_prompts(1)[:1]), opts, None)
+        dec.plan()
+        conf = torch.full((len(dec.targets),), 0.1, dtype=torch.float64)
+        conf[1], conf[9] = 0.3, 0.5  # a frontier mask, and a more confident one right of the frontier
+        assert 9 >= FRONTIER and dec._pick(conf, frontier=True).tolist() == [want]
+        conf[12] = 0.95
+        assert dec._pick(conf, frontier=True).tolist() == [12]

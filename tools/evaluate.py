@@ -11,10 +11,11 @@ from diffuserve.engine.decoding import DecodeOptions
 from diffuserve.engine.llm import LLM
 
 
-def task_prompts(llm: LLM, n: int):
+def task_prompts(llm: LLM, n: int, seed: int | None = None):
+    """The first n held-out examples (of the set drawn with `seed`, default the evaluation set) with their prompts."""
     from diffuserve.tools.train import task_data as tk
 
-    for ex in tk.heldout(n):
+    for ex in tk.heldout(n) if seed is None else tk.heldout(n, seed=seed):
         text = llm.tokenizer.apply_chat_template([{"role": "user", "content": " ".join(ex.prompt)}],
                                                  add_generation_prompt=True, tokenize=False)
         yield ex, llm.tokenizer(text, add_special_tokens=False)["input_ids"]
