@@ -12,7 +12,8 @@ engine (scheduler, runner, KV pool), sharing its steps, as the server runs them;
 through the same engine step (`window` through the engine as served, the others through `engine.offline`).
 
 A length the model's positions cannot hold beside the prompt is decoded on the longest canvas they allow (tiny-task,
-2048 positions: 2048 asked -> 2048 - prompt generated), and the table says so ("2048 -> 2034"). On tiny-task the
+2048 positions: 2048 asked -> 2048 - prompt, rounded down to whole blocks of 32, generated), and the table says so
+("2048 -> 2016"). On tiny-task the
 prompts come from one of two disjoint held-out sets: `report` (what tables show) or `tune` (what defaults are chosen
 on, bench.sweep). `--vanilla-forwards K` times vanilla for about K forwards per prompt (whole blocks, more tokens per
 step) and scales its time, forwards and rows to the full step count, which is exact for those because every
@@ -35,6 +36,7 @@ from diffuserve.engine import offline
 from diffuserve.engine.decoding import METHODS, DecodeOptions
 from diffuserve.engine.detokenizer import finish
 
+BLOCK = 32  # the block length of the block methods below: every generation length is a multiple of it
 # method -> options beyond gen_length (steps = gen_length: one token per step unless a threshold decides)
 METHOD_OPTIONS = {
     "vanilla": dict(block_length=32),
@@ -263,9 +265,9 @@ def options_for(model: str, method: str, gen: int, overrides: dict | None = None
 
 def fit_length(llm, name: str, n: int, batch: int, asked: int, prompts: str, out) -> int:
     """The generation length to decode for `asked`: itself, or the longest canvas the model's positions allow
-    beside the longest prompt (0: not even half of it fits)."""
+    beside the longest prompt, in whole blocks of BLOCK (0: not even half of it fits)."""
     longest = max(len(ids) for ids, _ in prompts_for(llm, name, n, batch, asked, prompts))
-    gen = min(asked, llm.spec.max_positions - longest)
+    gen = min(asked, (llm.spec.max_positions - longest) // BLOCK * BLOCK)
     if gen < asked:
         print(f"{name} gen {asked}: {gen} generated (prompt {longest} + {asked} > {llm.spec.max_positions} "
               f"positions){'' if 2 * gen >= asked else ': skipped'}", file=out, flush=True)
