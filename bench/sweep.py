@@ -85,8 +85,9 @@ def sweep(name: str, grid: list[WindowOptions], keys: list[str], batch: int, rou
             old = best.get(i)
             best[i] = (max(one.tok_s, old[0] if old else 0), max(many.tok_s, old[1] if old else 0), one, many)
             label = " ".join(f"{k}={getattr(opts, k)}" for k in keys)
+            right = f", right {one.correct}/{one.checked}" if one.checked else ""
             print(f"round {r + 1}/{rounds} {label}: c1 {one.tok_s:.1f} c{batch} {many.tok_s:.1f} tok/s, "
-                  f"{one.forward_passes} forwards, right {one.correct}/{one.checked}", file=out, flush=True)
+                  f"{one.forward_passes} forwards{right}", file=out, flush=True)
     results = []
     for i, opts in enumerate(grid):
         c1, cb, one, many = best[i]
