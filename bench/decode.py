@@ -39,16 +39,16 @@ from diffuserve.engine.detokenizer import finish
 BLOCK = 32  # the block length of the block methods below: every generation length is a multiple of it
 # method -> options beyond gen_length (steps = gen_length: one token per step unless a threshold decides)
 METHOD_OPTIONS = {
-    "vanilla": dict(block_length=32),
-    "fast_dllm_prefix": dict(block_length=32, threshold=0.9),
-    "fast_dllm_dual": dict(block_length=32, threshold=0.9),
+    "vanilla": dict(block_length=BLOCK),
+    "fast_dllm_prefix": dict(block_length=BLOCK, threshold=0.9),
+    "fast_dllm_dual": dict(block_length=BLOCK, threshold=0.9),
     "window_llada": dict(),
-    "streaming_llada": dict(block_length=32, threshold=0.9),
+    "streaming_llada": dict(block_length=BLOCK, threshold=0.9),
     # our mode, chosen with bench.sweep on tiny-task's tune prompts at 1024 (docs/benchmarks.md): 32 active masks,
     # threshold 0.9, a step with no sure candidate commits the best of the first 4 masks (after 3 such steps even
     # when others commit), commits recomputed once, refreshes of the masks only
     "window": dict(threshold=0.9, active_tokens=32, force="frontier", stall_steps=3, fresh="once", refresh="buffer"),
-    "freecache": dict(block_length=32, threshold=0.9),
+    "freecache": dict(block_length=BLOCK, threshold=0.9),
     "guided": dict(),
 }
 # guided needs a causal verifier sharing the model's tokenizer; a model without one skips the method
@@ -135,13 +135,15 @@ def prompts_for(llm, name: str, n: int, batch: int, gen: int = 1024,
     set (PROMPT_SEEDS)."""
     if name == "tiny-task":
         from diffuserve.tools.evaluate import task_prompts
+        from diffuserve.tools.train.task_data import heldout
 
         # task -> prompt length -> prompts: a batch of the reference loops needs equal prompt lengths, and a task's
         # prompts share one length ("count down from" and four residue tokens)
         by_task = defaultdict(lambda: defaultdict(list))
-        report = {tuple(ex.prompt) for ex, _ in task_prompts(llm, REPORT_MAX, PROMPT_SEEDS["report"])}
+        report = set() if prompts == "report" else {
+            tuple(ex.prompt) for ex in heldout(REPORT_MAX, seed=PROMPT_SEEDS["report"])}
         for ex, ids in task_prompts(llm, 40 * max(n, batch), PROMPT_SEEDS[prompts]):
-            if prompts != "report" and tuple(ex.prompt) in report:
+            if tuple(ex.prompt) in report:
                 continue
             if len(ex.answer) < gen:
                 by_task[ex.task][len(ids)].append((ids, ex))
@@ -263,10 +265,10 @@ def options_for(model: str, method: str, gen: int, overrides: dict | None = None
     return opts.with_(verifier=verifier) if verifier in bundled_names() else None
 
 
-def fit_length(llm, name: str, n: int, batch: int, asked: int, prompts: str, out) -> int:
+def fit_length(llm, name: str, group_prompts, asked: int, out) -> int:
     """The generation length to decode for `asked`: itself, or the longest canvas the model's positions allow
-    beside the longest prompt, in whole blocks of BLOCK (0: not even half of it fits)."""
-    longest = max(len(ids) for ids, _ in prompts_for(llm, name, n, batch, asked, prompts))
+    beside the longest of `group_prompts`, in whole blocks of BLOCK (0: not even half of it fits)."""
+    longest = max(len(ids) for ids, _ in group_prompts)
     gen = min(asked, (llm.spec.max_positions - longest) // BLOCK * BLOCK)
     if gen < asked:
         print(f"{name} gen {asked}: {gen} generated (prompt {longest} + {asked} > {llm.spec.max_positions} "
@@ -281,10 +283,12 @@ def bench(models, lengths, batches, methods, n, out=sys.stderr, vanilla_forwards
         llm = load(name, dtype)
         for asked in lengths:
             for batch in batches:
-                gen = fit_length(llm, name, n, batch, asked, prompts, out)
+                group_prompts = prompts_for(llm, name, n, batch, asked, prompts)
+                gen = fit_length(llm, name, group_prompts, asked, out)
                 if not gen:
                     continue
-                group_prompts = prompts_for(llm, name, n, batch, gen, prompts)
+                if gen < asked:  # the answers that fit the shorter canvas
+                    group_prompts = prompts_for(llm, name, n, batch, gen, prompts)
                 rows = {}
                 for method in methods:
                     opts = options_for(name, method, gen, (overrides or {}).get(method))

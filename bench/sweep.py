@@ -88,7 +88,7 @@ def sweep(name: str, grid: list[WindowOptions], keys: list[str], batch: int, rou
             right = f", right {one.correct}/{one.checked}" if one.checked else ""
             print(f"round {r + 1}/{rounds} {label}: c1 {one.tok_s:.1f} c{batch} {many.tok_s:.1f} tok/s, "
                   f"{one.forward_passes} forwards{right}", file=out, flush=True)
-    results = []
+    results = []  # (sort key: answers right, then c1 tok/s; row)
     for i, opts in enumerate(grid):
         c1, cb, one, many = best[i]
         d = {k: getattr(opts, k) for k in keys}
@@ -99,12 +99,8 @@ def sweep(name: str, grid: list[WindowOptions], keys: list[str], batch: int, rou
             d.update({t: f"{c}/{k}" for t, (c, k) in sorted(one.per_task.items())})
         else:
             d.update(text_quality(llm, opts, n))
-        results.append(d)
-    return sorted(results, key=lambda d: (-one_right(d), -d["c1_tok_s"]))
-
-
-def one_right(d: dict) -> int:
-    return int(d["right"].split("/")[0]) if "right" in d else 0
+        results.append(((-one.correct, -d["c1_tok_s"]), d))
+    return [d for _, d in sorted(results, key=lambda kd: kd[0])]
 
 
 def table(results: list[dict]) -> str:

@@ -132,12 +132,13 @@ def test_a_length_past_the_positions_decodes_the_longest_canvas_they_allow_and_t
     from diffuserve.engine.llm import LLM
 
     llm = LLM("tiny-task")
-    longest = max(len(ids) for ids, _ in decode.prompts_for(llm, "tiny-task", 4, 1, 2048))
+    group = decode.prompts_for(llm, "tiny-task", 4, 1, 2048)
+    longest = max(len(ids) for ids, _ in group)
     out = open("/dev/null", "w")
-    fit = decode.fit_length(llm, "tiny-task", 4, 1, 2048, "report", out)
+    fit = decode.fit_length(llm, "tiny-task", group, 2048, out)
     assert fit % decode.BLOCK == 0 and llm.spec.max_positions - longest - decode.BLOCK < fit <= 2048 - longest
-    assert decode.fit_length(llm, "tiny-task", 4, 1, 1024, "report", out) == 1024
-    assert decode.fit_length(llm, "tiny-task", 4, 1, 8192, "report", out) == 0  # not half of it fits: skipped
+    assert decode.fit_length(llm, "tiny-task", group, 1024, out) == 1024
+    assert decode.fit_length(llm, "tiny-task", group, 8192, out) == 0  # not half of it fits: skipped
     row = decode.Row("tiny-task", 2016, 1, "window", asked_length=2048)
     assert "| tiny-task | 2048 -> 2016 | 1 |" in decode.table([row.as_dict(None)])
     report, tune = (decode.prompts_for(llm, "tiny-task", 16, 1, 1024, s) for s in ("report", "tune"))
