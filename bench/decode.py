@@ -46,8 +46,10 @@ METHOD_OPTIONS = {
     "streaming_llada": dict(block_length=BLOCK, threshold=0.9),
     # our mode, chosen with bench.sweep on tiny-task's tune prompts at 1024 (docs/benchmarks.md): 32 active masks,
     # threshold 0.9, a step with no sure candidate commits the best of the first 4 masks (after 3 such steps even
-    # when others commit), commits recomputed once, refreshes of the masks only
-    "window": dict(threshold=0.9, active_tokens=32, force="frontier", stall_steps=3, fresh="once", refresh="buffer"),
+    # when others commit), active masks within 48 positions of the first, commits recomputed once, refreshes of the
+    # masks only
+    "window": dict(threshold=0.9, active_tokens=32, span=48, force="frontier", stall_steps=3, fresh="once",
+                   refresh="buffer"),
     "freecache": dict(block_length=BLOCK, threshold=0.9),
     "guided": dict(),
 }

@@ -163,3 +163,23 @@ def test_force_frontier_commits_the_best_of_the_first_masks_when_no_candidate_is
         assert 9 >= FRONTIER and dec._pick(conf, frontier=True).tolist() == [want]
         conf[12] = 0.95
         assert dec._pick(conf, frontier=True).tolist() == [12]
+
+
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_span_keeps_candidates_and_commits_near_the_first_mask(model, threshold):
+    """span S: the candidates (and so the commits) are the first A masks no further than S positions right of the
+    first mask, even when the first A masks reach further (masks spread out as tokens commit to their right)."""
+    opts = WindowOptions(gen_length=64, steps=64, active_tokens=16, span=6, threshold=threshold, eos_early_exit=False)
+    dec = WindowDecoder(model.spec, torch.tensor(_prompts(1)[:1]), opts, None)
+    solo = offline.Solo(model, dec)
+    spread = 0
+    while dec.phase is not WindowPhase.DONE:
+        masks = dec.masks()
+        near = set(masks[masks < masks[0] + 6].tolist())
+        spread += masks[min(len(masks), 16) - 1] >= masks[0] + 6  # the first A masks reach past the span
+        before = dec.x[0].clone()
+        solo.step()
+        assert set(dec.targets.tolist()) == near, "candidates are not the masks within the span"
+        changed = set((dec.x[0] != before).nonzero()[:, 0].tolist())
+        assert changed and changed <= near, "committed outside the span"
+    assert spread > 10 and not (dec.x == model.spec.mask_id).any()
