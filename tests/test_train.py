@@ -182,3 +182,27 @@ def test_cut_rows_end_mid_answer_and_training_lengths_do_not_follow_the_canvas()
     rng = random.Random(0)
     counts = {len(tk.make_count(rng, 127, uniform=True).answer) for _ in range(200)}
     assert min(counts) < 40 and max(counts) == 128 // tk.NUMBER * tk.NUMBER - 1 and len(counts) > 15
+
+
+def test_the_dream_layout_loss_reads_the_row_before_each_masked_position(tmp_path):
+    """A Dream-layout model predicts position p from output row p - 1 (as the Dream methods decode): the training
+    loss reads that row, not row p; and tiny-task's Dream layout survives save and load as itself."""
+    import torch.nn.functional as F
+
+    from diffuserve.tools.train.tiny_task import task_spec
+
+    spec = small_spec("dream")
+    model = random_model(spec, seed=0)
+    ids, region = _batches(0)
+    loss = masked_diffusion_loss(model, ids, region, torch.Generator().manual_seed(3))
+    noisy, masked, p = corrupt(ids, region, spec.mask_id, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model.logits(noisy).float()  # [B, L, V]
+    shifted = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # [B, L, V]: row p - 1 at p
+    for rows, same in ((shifted, True), (logits, False)):
+        ce = F.cross_entropy(rows[masked], ids[masked], reduction="none") / p[masked]
+        assert torch.allclose(loss.detach(), ce.sum() / region.sum(), rtol=1e-4) is same
+    dream = task_spec("dream")
+    assert dream.shifted_logits and not task_spec().shifted_logits
+    save_checkpoint(random_model(dream, seed=0), tmp_path / "d", torch.bfloat16)
+    assert load_model(tmp_path / "d").spec == dream

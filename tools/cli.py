@@ -98,7 +98,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.recipe == "task-ar":
         from .train.tiny_ar import run_task as run
     else:
+        from functools import partial
+
         from .train.tiny_task import run
+        run = partial(run, family="dream" if args.recipe == "task-dream" else "llada")
     work = Path(args.work or f".train-work/{args.recipe}")
     record = run(Path(args.out), work, steps=args.steps, seed=args.seed)
     print(json.dumps({k: v for k, v in record.items() if k != "log"}))
@@ -158,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_conformance)
 
     t = sub.add_parser("train", help="train a bundled model from scratch (resumable)")
-    t.add_argument("recipe", choices=["text", "text-ar", "task", "task-ar"])
+    t.add_argument("recipe", choices=["text", "text-ar", "task", "task-dream", "task-ar"],
+                   help="task-dream: tiny-task's recipe in the Dream layout")
     t.add_argument("--out", required=True, help="output model directory")
     t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--seed", type=int, default=0)

@@ -4,6 +4,9 @@ Per sequence draw t ~ U(eps, 1); mask each token of the loss region (the whole s
 answer for prompt/answer data) with probability t; cross-entropy on the masked tokens, each weighted by 1/t, summed
 and divided by the number of loss-region tokens. This is an upper bound on the negative log-likelihood (the ELBO
 that `elbo()` estimates for evaluation).
+
+Dream-layout models (shifted logits) predict position p from output row p - 1, as they decode: the loss reads that
+row (`aligned`), so a model trained here decodes with the engine's Dream methods unchanged.
 """
 
 from __future__ import annotations
@@ -11,7 +14,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from diffuserve.engine.decoding.sampling import shift_logits
 from diffuserve.engine.model import DiffusionLM, ForwardBatch
+
+
+def aligned(model: DiffusionLM, rows: torch.Tensor) -> torch.Tensor:
+    """Output rows [B, L, X] -> row p holding the prediction for position p (Dream: output row p - 1)."""
+    return shift_logits(rows) if model.spec.shifted_logits else rows
 
 
 def corrupt(ids: torch.Tensor, region: torch.Tensor, mask_id: int, gen: torch.Generator, eps: float = 1e-3,
@@ -32,7 +41,7 @@ def masked_diffusion_loss(model: DiffusionLM, ids: torch.Tensor, region: torch.T
                           floor: torch.Tensor | None = None, eps: float = 1e-3) -> torch.Tensor:
     noisy, masked, p = corrupt(ids, region, model.spec.mask_id, gen, eps, floor=floor)
     pos = torch.arange(ids.shape[1]).expand_as(ids)
-    h = model.hidden_states(ForwardBatch(ids=noisy, positions=pos))  # [B, L, H]
+    h = aligned(model, model.hidden_states(ForwardBatch(ids=noisy, positions=pos)))  # [B, L, H]
     logits = model.lm_head(h[masked])  # [n_masked, V]: unmasked rows never reach the vocabulary projection
     ce = F.cross_entropy(logits.float(), ids[masked], reduction="none") / p[masked]
     return ce.sum() / region.sum().clamp(min=1)
@@ -48,7 +57,7 @@ def elbo(model: DiffusionLM, ids: torch.Tensor, region: torch.Tensor, samples: i
     for k in range(samples):
         t = torch.full((B,), (k + 0.5) / samples)
         noisy, masked, p = corrupt(ids, region, model.spec.mask_id, gen, t=t)
-        logits = model.logits(noisy).float()  # [B, L, V]
+        logits = aligned(model, model.logits(noisy)).float()  # [B, L, V]
         ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none") / p  # [B, L]
         total += (ce * masked).sum(1)
     return total / samples / region.sum(1).clamp(min=1)

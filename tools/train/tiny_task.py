@@ -19,16 +19,20 @@ import torch
 from diffuserve.engine.model import ForwardBatch, ModelSpec
 from diffuserve.engine.model.saver import random_model, save_checkpoint
 from . import task_data as tk
+from .objective import aligned
 from .trainer import TrainConfig, config_dict, native_bf16, train
 
 TOKENS_PER_STEP = 4096
 
 
-def task_spec() -> ModelSpec:
-    return ModelSpec(family="llada", vocab_size=tk.vocab_size(), hidden_size=192, num_layers=6, num_heads=3,
-                     num_kv_heads=3, intermediate_size=512, rope_theta=10000.0, rms_norm_eps=1e-5, qkv_bias=False,
+def task_spec(family: str = "llada") -> ModelSpec:
+    """LLaDA layout, or Dream's (shifted logits and q/k/v biases, as Qwen2's; Dream's config names no end-of-turn
+    token, and the task's chat template uses none) for `tiny-task-dream`."""
+    return ModelSpec(family=family, vocab_size=tk.vocab_size(), hidden_size=192, num_layers=6, num_heads=3,
+                     num_kv_heads=3, intermediate_size=512, rope_theta=10000.0, rms_norm_eps=1e-5,
+                     qkv_bias=family == "dream",
                      max_positions=2048, mask_id=tk.MASK, eos_id=tk.EOS, pad_id=tk.EOS, bos_id=tk.BOS,
-                     eot_id=tk.EOT)
+                     eot_id=tk.EOT if family == "llada" else None)
 
 
 def make_eval(seed: int = 4242):
@@ -43,7 +47,7 @@ def make_eval(seed: int = 4242):
     @torch.inference_mode()
     def evaluate(model) -> dict:
         pos = torch.arange(ids.shape[1]).expand_as(ids)
-        pred = model.forward(ForwardBatch(ids=noisy, positions=pos)).argmax(-1)
+        pred = aligned(model, model.forward(ForwardBatch(ids=noisy, positions=pos))).argmax(-1)
         answer = masked & (ids != tk.EOS)
         return {"masked_acc": round(float((pred == ids)[masked].float().mean()), 4),
                 "masked_answer_acc": round(float((pred == ids)[answer].float().mean()), 4)}
@@ -51,12 +55,12 @@ def make_eval(seed: int = 4242):
     return evaluate
 
 
-def run(out: Path, work: Path, steps: int, seed: int = 0) -> dict:
+def run(out: Path, work: Path, steps: int, seed: int = 0, family: str = "llada") -> dict:
     t0 = time.monotonic()
     tok_dir = work / "tokenizer"
     tk.write_tokenizer(tok_dir)
     torch.manual_seed(seed)
-    model = random_model(task_spec(), seed=seed)
+    model = random_model(task_spec(family), seed=seed)
     cfg = TrainConfig(steps=steps, batch_size=0, lr=3e-3, warmup=150, seed=seed, eval_every=max(50, steps // 8))
     log = train(model, tk.TaskBatches(TOKENS_PER_STEP, seed=seed), cfg, work / "ckpt", make_eval(),
                 autocast_bf16=native_bf16())
@@ -65,7 +69,8 @@ def run(out: Path, work: Path, steps: int, seed: int = 0) -> dict:
         (out / name).write_bytes((tok_dir / name).read_bytes())
     record = {"recipe": "diffuserve.tools.train.tiny_task", "train_config": config_dict(cfg),
               "tokens_per_step": TOKENS_PER_STEP, "params": sum(p.numel() for p in model.parameters()),
-              "autocast_bf16": native_bf16(), "wall_time_s": round(time.monotonic() - t0), "log": log}
+              "autocast_bf16": native_bf16(), "wall_time_s": round(time.monotonic() - t0), "family": family,
+              "log": log}
     (out / "train_log.json").write_text(json.dumps(record, indent=1))
     write_task_card(out)
     return record
@@ -92,7 +97,8 @@ DATA_NOTE = ("Synthetic chat tasks generated on the fly (`tools/train/task_data.
 
 # bench.quality's defaults: 40 examples, blocks of 32, and the checkpoint's own dtype (bf16, --dtype auto). On CPUs
 # with AMX / AVX512-BF16 a 1040-position forward is also 5x faster in bf16 than in float32 (0.021 s vs 0.105 s).
-QUALITY_COMMAND = "python -m bench.quality --model tiny-task --method vanilla --json"
+QUALITY_COMMAND = "python -m bench.quality --model {name} --method vanilla --json"
+NAMES = {"llada": ("tiny-task", "task"), "dream": ("tiny-task-dream", "task-dream")}  # family -> model, recipe
 
 
 def quality_lines(quality: dict) -> dict:
@@ -112,10 +118,12 @@ def write_task_card(out: Path, quality: dict | None = None, rerun: tuple[Path, d
     from .card import write_card
 
     record = json.loads((out / "train_log.json").read_text())
+    family = record.get("family", "llada")
+    name, recipe = NAMES[family]
     evals = [e["eval"] for e in record["log"] if "eval" in e]
     scores = {f"final {k} (half the answer masked)": v for k, v in (evals[-1] if evals else {}).items()}
     if quality is not None:
-        scores["bench.quality command"] = f"`{QUALITY_COMMAND}`"
+        scores["bench.quality command"] = f"`{QUALITY_COMMAND.format(name=name)}`"
         scores.update(quality_lines(quality))
         scores["vanilla forward passes"] = quality["forward_passes"]
         scores["vanilla wall time"] = f"{quality['wall_time_s']:.0f} s"
@@ -132,10 +140,13 @@ def write_task_card(out: Path, quality: dict | None = None, rerun: tuple[Path, d
         if q is not None:
             line += "; bench.quality on it: " + "; ".join(f"{k} {v}" for k, v in quality_lines(q).items())
         scores["reproduction"] = line
-    write_card(out, "tiny-task", "A small masked-diffusion LM trained on synthetic tasks with long answers and exact "
+    layout = ("in the LLaDA layout like tiny-text" if family == "llada" else
+              "in the Dream layout (shifted logits: position p is predicted by output row p - 1; q/k/v biases), "
+              "trained exactly as tiny-task otherwise, so the Dream-family methods are measured on answers too")
+    write_card(out, name, "A small masked-diffusion LM trained on synthetic tasks with long answers and exact "
                "checkers, so every acceleration's effect on quality can be measured exactly (bench.quality) at "
-               "canvases up to 1024 positions, in the LLaDA layout like tiny-text.", DATA_NOTE,
-               f"diffuserve train task --out {out} --steps {record['train_config']['steps']}", record, scores, [])
+               f"canvases up to 1024 positions, {layout}.", DATA_NOTE,
+               f"diffuserve train {recipe} --out {out} --steps {record['train_config']['steps']}", record, scores, [])
 
 
 def main(argv=None) -> int:
