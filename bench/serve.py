@@ -3,6 +3,7 @@
     python -m bench.serve                                   # starts `diffuserve serve` (bundled model) itself
     python -m bench.serve --base http://127.0.0.1:8000      # or loads a running server
     python -m bench.serve --concurrency 1,4,16,64 --rates 4,16 --max-tokens 64 --json out.json --plot docs/x.png
+    python -m bench.serve --concurrency 1,16 --temperature 0.7       # sampled commits (default: the method's 0)
 
 Every request streams (so time to first token is seen) with usage included. Per level it prints requests/s,
 output tokens/s (completion tokens as usage counts them: before EOS, after stop-string truncation), TTFT, time per
@@ -91,9 +92,10 @@ async def _body(reader: asyncio.StreamReader, chunked: bool) -> AsyncIterator[by
         await reader.readline()  # the CRLF after each chunk
 
 
-async def one(client: Stream, prompt: str, max_tokens: int, timeout: float) -> Sample:
+async def one(client: Stream, prompt: str, max_tokens: int, timeout: float, extra: dict | None = None) -> Sample:
     s = Sample("failed", time.perf_counter())
-    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
+            **(extra or {})}
     try:
         await asyncio.wait_for(_read(client, body, s), timeout)
     except asyncio.TimeoutError:
@@ -149,14 +151,15 @@ def summarize(level: Level, samples: list[Sample], sent: int) -> Level:
     return level
 
 
-async def run_concurrency(base: str, c: int, n: int, max_tokens: int, timeout: float) -> Level:
+async def run_concurrency(base: str, c: int, n: int, max_tokens: int, timeout: float,
+                          extra: dict | None = None) -> Level:
     samples: list[Sample] = []
     counter = iter(range(n))
     client = Stream(base)
 
     async def worker():
         for i in counter:
-            samples.append(await one(client, PROMPTS[i % len(PROMPTS)], max_tokens, timeout))
+            samples.append(await one(client, PROMPTS[i % len(PROMPTS)], max_tokens, timeout, extra))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(c)))
@@ -164,12 +167,13 @@ async def run_concurrency(base: str, c: int, n: int, max_tokens: int, timeout: f
     return summarize(level, samples, n)
 
 
-async def run_rate(base: str, rate: float, n: int, max_tokens: int, timeout: float, seed: int) -> Level:
+async def run_rate(base: str, rate: float, n: int, max_tokens: int, timeout: float, seed: int,
+                   extra: dict | None = None) -> Level:
     rng = random.Random(seed)
     client, tasks = Stream(base), []
     t0 = time.perf_counter()
     for i in range(n):
-        tasks.append(asyncio.create_task(one(client, PROMPTS[i % len(PROMPTS)], max_tokens, timeout)))
+        tasks.append(asyncio.create_task(one(client, PROMPTS[i % len(PROMPTS)], max_tokens, timeout, extra)))
         await asyncio.sleep(rng.expovariate(rate))
     samples = await asyncio.gather(*tasks)
     level = Level("rate", rate, wall_s=time.perf_counter() - t0)
@@ -238,18 +242,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=0, help="requests per level (default: 4 x concurrency, >= 8)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--temperature", type=float, help="sent with every request (default: none, the method's own: 0)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a PNG plot here")
     args = p.parse_args(argv)
+    extra = {} if args.temperature is None else {"temperature": args.temperature}
 
     async def all_levels(base: str) -> list[Level]:
         out = []
-        await run_concurrency(base, 2, 4, args.max_tokens, args.timeout)  # warm-up, not reported
+        await run_concurrency(base, 2, 4, args.max_tokens, args.timeout, extra)  # warm-up, not reported
         for c in [int(x) for x in args.concurrency.split(",") if x]:
-            out.append(await run_concurrency(base, c, args.requests or max(8, 4 * c), args.max_tokens, args.timeout))
+            out.append(await run_concurrency(base, c, args.requests or max(8, 4 * c), args.max_tokens, args.timeout,
+                                             extra))
             print(line(out[-1]), flush=True)
         for r in [float(x) for x in args.rates.split(",") if x]:
-            out.append(await run_rate(base, r, args.requests or max(16, int(4 * r)), args.max_tokens, args.timeout, 0))
+            out.append(await run_rate(base, r, args.requests or max(16, int(4 * r)), args.max_tokens, args.timeout, 0,
+                                      extra))
             print(line(out[-1]), flush=True)
         return out
 
