@@ -52,9 +52,15 @@ METHOD_OPTIONS = {
                    refresh="buffer"),
     "freecache": dict(block_length=BLOCK, threshold=0.9),
     "guided": dict(),
+    # the Dream family's: its vanilla (`dream`, Dream's own sampler: one block, entropy order) and the block methods,
+    # which commit by threshold with alg "confidence_threshold"; `window` serves both families with the options above
+    "fast_dllm_dream_dual": dict(block_length=BLOCK, threshold=0.9, alg="confidence_threshold"),
+    "streaming_dream": dict(block_length=BLOCK, threshold=0.9, alg="confidence_threshold"),
 }
+VANILLA = {"llada": ("llada", METHOD_OPTIONS["vanilla"]), "dream": ("dream", {})}  # family -> its vanilla method
 # guided needs a causal verifier sharing the model's tokenizer; a model without one skips the method
 VERIFIERS = {"tiny-text": "tiny-text-ar", "tiny-task": "tiny-task-ar"}
+TASK_MODELS = ("tiny-task", "tiny-task-dream")  # trained on tools.train.task_data: answers are checked
 # tiny-task's held-out prompt sets (tools.train.task_data.heldout seeds): tables report on one, defaults are tuned
 # on the other. The tune set leaves out every prompt of the report set's first REPORT_MAX examples (count prompts
 # repeat across draws: there are only ~170 of them).
@@ -135,7 +141,7 @@ def prompts_for(llm, name: str, n: int, batch: int, gen: int = 1024,
     the tasks take turns group by group (batch 1: count, sentences, count, ...), and only examples whose answer and
     one EOS fit `gen` positions are used: a longer one cannot be right on that canvas. `prompts`: which held-out
     set (PROMPT_SEEDS)."""
-    if name == "tiny-task":
+    if name in TASK_MODELS:
         from diffuserve.tools.evaluate import task_prompts
         from diffuserve.tools.train.task_data import heldout
 
@@ -195,7 +201,7 @@ def vanilla_scaled(method: str, opts: DecodeOptions, vanilla_forwards: int, row:
     steps (whole blocks): hours become minutes at 2048. Its tokens and answers are the shorter run's."""
     if method != "vanilla" or not 0 < vanilla_forwards < opts.n_steps:
         return opts, 1.0
-    blocks = opts.gen_length // opts.n_block
+    blocks = opts.gen_length // getattr(opts, "n_block", opts.gen_length)  # Dream's vanilla: one block
     run_opts = opts.with_(steps=max(1, vanilla_forwards // blocks) * blocks)
     row.extrapolated_from = run_opts.n_steps
     return run_opts, opts.n_steps / run_opts.n_steps
@@ -254,11 +260,13 @@ def run_engine(llm, method: str, opts: DecodeOptions, group, row: Row, vanilla_f
     assert engine.scheduler.pool.pages_in_use == 0, "a finished request kept KV pages"
 
 
-def options_for(model: str, method: str, gen: int, overrides: dict | None = None) -> DecodeOptions | None:
+def options_for(model: str, method: str, gen: int, overrides: dict | None = None,
+                family: str = "llada") -> DecodeOptions | None:
     # overrides (from --window) go on top of the method's table entry; the table itself stays as defined
-    m = METHODS["llada" if method == "vanilla" else method]  # every model here is of the LLaDA family
+    name, table_entry = VANILLA[family] if method == "vanilla" else (method, METHOD_OPTIONS[method])
+    m = METHODS[name]
     steps = {"steps": gen} if "steps" in m.options.field_names() else {}  # guided has no step budget
-    opts = m.make_options({"gen_length": gen, **steps, **METHOD_OPTIONS[method], **(overrides or {})})
+    opts = m.make_options({"gen_length": gen, **steps, **table_entry, **(overrides or {})})
     if method != "guided":
         return opts
     from diffuserve.engine.model.bundled import bundled_names
@@ -292,8 +300,11 @@ def bench(models, lengths, batches, methods, n, out=sys.stderr, vanilla_forwards
                 if gen < asked:  # the answers that fit the shorter canvas
                     group_prompts = prompts_for(llm, name, n, batch, gen, prompts)
                 rows = {}
+                family = llm.spec.family
                 for method in methods:
-                    opts = options_for(name, method, gen, (overrides or {}).get(method))
+                    if method != "vanilla" and not METHODS[method].decodes(family):
+                        continue  # the other family's (the default --methods names both families')
+                    opts = options_for(name, method, gen, (overrides or {}).get(method), family)
                     if opts is None:
                         print(f"{name}: {method} skipped (no bundled verifier for this model)", file=out, flush=True)
                         continue

@@ -149,3 +149,19 @@ def test_a_length_past_the_positions_decodes_the_longest_canvas_they_allow_and_t
 def test_window_options_parse_with_their_field_types():
     assert decode.parse_options("threshold=0.9,active_tokens=8,refresh=full") == dict(
         threshold=0.9, active_tokens=8, refresh="full")
+
+
+def test_a_dream_model_runs_its_own_family_methods_and_skips_the_other_familys():
+    """On a Dream-layout checkpoint vanilla is Dream's sampler (one block: --vanilla-forwards cuts its steps), the
+    Dream block methods run with their table options, and LLaDA-only methods in the list are left out."""
+    from conftest import PARITY
+
+    path = str(PARITY / "dream-tiny" / "model")
+    rows = decode.bench([path], [32], [1], ["vanilla", "fast_dllm_dual", "streaming_dream", "window"], n=1,
+                        out=open("/dev/null", "w"), vanilla_forwards=8)
+    by = {d["method"]: d for d in rows}
+    assert set(by) == {"vanilla", "streaming_dream", "window"}
+    assert by["vanilla"]["forward_passes"] == 32 and by["vanilla"]["extrapolated_from"] == 8
+    assert 0 < by["streaming_dream"]["forward_passes"] < 32 and by["window"]["forward_passes"] > 0
+    opts = decode.options_for(path, "vanilla", 32, family="dream")
+    assert type(opts) is decode.METHODS["dream"].options and opts.n_steps == 32
