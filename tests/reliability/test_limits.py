@@ -127,6 +127,10 @@ def test_deadlines_and_slow_clients(limited):
                     break
             except socket.timeout:
                 pass
+            except OSError:
+                # The server may close with a reset (unread bytes in its buffer): closed all the same.
+                closed_at = time.monotonic() - t0
+                break
     assert closed_at is not None and closed_at < 3.0, closed_at
     # A slow body (head complete, body trickling) gets 408 at the body deadline.
     t0 = time.monotonic()
