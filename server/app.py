@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 import threading
 import time
 
@@ -59,7 +61,8 @@ def serve(args: argparse.Namespace) -> int:
     life = Lifecycle()
     swap = Swap(starting_app(life))
     server = DrainingServer(uvicorn_config(swap, cfg), life, cfg.engine.drain_timeout_s)
-    threading.Thread(target=_load, args=(cfg, life, swap, threads), name="diffuserve-loader", daemon=True).start()
+    loader = threading.Thread(target=_load, args=(cfg, life, swap, threads), name="diffuserve-loader", daemon=True)
+    loader.start()
     life.watch(server.die)
     log.info("listening on http://%s:%d; loading %s", cfg.server.host, cfg.server.port, cfg.model.path)
     server.run()
@@ -69,6 +72,12 @@ def serve(args: argparse.Namespace) -> int:
     life.closed = True
     if life.engine is not None:
         life.engine.stop()
+    if loader.is_alive():
+        # Stopped while loading: the loader is inside torch, and tearing the interpreter down under it can abort
+        # the process (SIGABRT from a C++ thread). Nothing is left to save, so leave without the teardown.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(status)
     return status
 
 
@@ -109,6 +118,8 @@ def _load(cfg, life: Lifecycle, swap: Swap, threads: int | None = None) -> None:
             life.to(Stage.READY)
         log.info("serving %s as %r (ready after %.1fs)", cfg.model.path, served, time.monotonic() - t0)
     except Exception as exc:  # noqa: BLE001 - any load failure leaves a dead server for the watchdog to end
+        if life.stage is Stage.DRAINING:  # stopped during start-up (the warm-up was aborted): not a failure
+            return
         log.exception("loading failed")
         life.to(Stage.DEAD, f"loading failed: {type(exc).__name__}: {exc}")
 
@@ -156,7 +167,15 @@ class DrainingServer(uvicorn.Server):
         if self.draining:  # second signal: stop now
             return super().handle_exit(sig, frame)
         self.draining = True
+        starting = self.life.stage in (Stage.LOADING, Stage.WARMING)
         self.life.to(Stage.DRAINING)
+        if starting:
+            # No client request can be in flight before READY: stop now rather than wait for the warm-up, which
+            # took ~60 s in a loaded container, past Docker's and k8s' 10-30 s kill.
+            log.info("stopping during start-up: nothing to drain")
+            if self.life.engine is not None:
+                self.life.engine.abort_all("abort")
+            return self._exit(sig, frame)
         if self.life.engine is not None:
             self.life.engine.drain()
         log.info("draining: waiting up to %.0fs for in-flight requests", self.drain_timeout)
@@ -169,6 +188,9 @@ class DrainingServer(uvicorn.Server):
             log.warning("drain timeout: aborted %d requests still in flight", n)
             engine.wait_idle(5.0)  # their last outputs (finish_reason "abort") reach the clients
             time.sleep(0.2)
+        self._exit(sig, frame)
+
+    def _exit(self, sig, frame) -> None:
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals after its shutdown (the process would die of SIGTERM); a completed
         # drain is a clean exit, status 0.

@@ -233,3 +233,58 @@ def _addresses() -> list[str]:
     except OSError:
         return []
     return [a for a in out.split() if "." in a]
+
+
+def test_sigterm_during_start_up_stops_at_once(tmp_path):
+    """SIGTERM while the model loads: nothing to drain, exit 0 without waiting for the load or warm-up (a container
+    stopped during a long warm-up otherwise ran into Docker's 10 s kill)."""
+    port = free_port()
+    proc, log = spawn("--config", config(tmp_path, drain_timeout_s=60), "--port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        end, status = time.monotonic() + 120, None
+        while time.monotonic() < end and status not in ("loading", "warming", "ready"):
+            try:
+                status = httpx.get(base + "/ready", timeout=2).json()["status"]
+            except httpx.HTTPError:
+                time.sleep(0.02)
+        assert status in ("loading", "warming"), status  # the server listens before it loads
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log.seek(0)
+    text = log.read()
+    assert code == 0, text[-2000:]
+    assert "stopping during start-up" in text and "Traceback" not in text and "-> ready" not in text, text[-2000:]
+
+
+def test_sigterm_during_warm_up_aborts_it():
+    """The same during warm-up, with a fake engine whose warm-up would run for ever: the signal aborts it and asks
+    uvicorn to exit at once, without the drain wait."""
+    import uvicorn
+
+    from diffuserve.server.app import DrainingServer
+    from diffuserve.server.lifecycle import Lifecycle, Stage
+
+    class Engine:
+        aborted = drained = 0
+
+        def abort_all(self, reason):
+            self.aborted += 1
+            return 1
+
+        def drain(self):
+            self.drained += 1
+
+        def wait_idle(self, timeout):
+            raise AssertionError("a start-up stop must not wait for the engine")
+
+    life = Lifecycle()
+    life.engine = Engine()
+    life.to(Stage.WARMING)
+    server = DrainingServer(uvicorn.Config(app=None), life, drain_timeout=60)
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit and life.engine.aborted == 1 and life.engine.drained == 0
+    assert life.stage is Stage.DRAINING
