@@ -16,13 +16,20 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 "${PIP[@]}" install -e ".[test]"
-# --test: also Debian's haproxy, which the load-balancer test runs in front of two replicas (best effort: without
-# root or apt the test is skipped, and says so).
-if [ "${1:-}" = "--test" ] && ! command -v haproxy >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get install -y -q haproxy >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 &&
-      apt-get install -y -q haproxy >/dev/null 2>&1; } || echo "note: could not install haproxy" >&2
-  else
-    echo "note: haproxy is not installed (needs root and apt-get); tests/test_deploy.py will skip its LB test" >&2
+# --test: also what the tests run beside the server, from Debian's packages: haproxy (the load-balancer test runs it
+# in front of two replicas), docker.io and debootstrap (the image test builds a base and the image, and starts a
+# daemon if none runs). Best effort: without root or apt those tests are skipped, and say so.
+if [ "${1:-}" = "--test" ]; then
+  missing=()
+  command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+  command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+  command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 &&
+        apt-get install -y -q "${missing[@]}" >/dev/null 2>&1; } || echo "note: could not install ${missing[*]}" >&2
+    else
+      echo "note: ${missing[*]} not installed (needs root and apt-get); the tests that use them will skip" >&2
+    fi
   fi
 fi
