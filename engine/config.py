@@ -8,6 +8,7 @@ YAML file gets its own, configs/<name>.yaml (its measured serving defaults).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -22,12 +23,19 @@ DEFAULT_METHOD = {"llada": "llada", "dream": "dream"}  # offline default: the fa
 SERVING_METHOD = {"llada": "window", "dream": "window"}  # server default when neither request nor config names one
 
 
+def setting(default, help: str, shown: str | None = None):
+    """A config field with the help text `diffuserve serve --help` shows beside its default (or `shown`)."""
+    return field(default=default, metadata={"help": help, "shown": shown})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = ""
-    dtype: str = "auto"  # the checkpoint's stored dtype (float32 on a CPU without native bf16), as vLLM
-    device: str = "cpu"
-    served_model_name: str | None = None
+    path: str = setting("", "checkpoint directory, or a bundled model's name (default: the bundled default)")
+    # auto: the checkpoint's stored dtype (float32 on a CPU without native bf16), as vLLM
+    dtype: str = setting("auto", "weights and activations dtype; auto: the checkpoint's (float32 on a CPU "
+                         "without native bf16)")
+    device: str = setting("cpu", "cpu, cuda or cuda:N")
+    served_model_name: str | None = setting(None, "the model id clients use", "the directory's name")
 
 
 @dataclass(frozen=True)
@@ -77,30 +85,32 @@ class DecodingConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"  # loopback unless told otherwise
-    port: int = 8000
-    api_key: str | None = None  # one key, or several separated by commas; /v1/ routes then need one of them
-    max_body_bytes: int = 1 << 20
-    max_header_bytes: int = 32 << 10  # a request head (line + headers) larger than this is refused (400)
-    head_timeout_s: float = 10.0  # a connection must send a complete request head within this (slow-loris)
-    body_timeout_s: float = 30.0  # and then its whole body within this (408)
-    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
-    docs: bool = True  # serve /docs and /openapi.json
-    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (none by default)
-    max_n: int = 16  # choices per prompt
-    max_prompts: int = 32  # prompts in one /v1/completions body
-    max_stop: int = 4  # stop strings (OpenAI's limit)
+    host: str = setting("127.0.0.1", "bind address (loopback unless told otherwise)")
+    port: int = setting(8000, "port")
+    api_key: str | None = setting(None, "API key, or several separated by commas; /v1/ routes then need one")
+    max_body_bytes: int = setting(1 << 20, "largest request body accepted, checked before parsing (413)")
+    max_header_bytes: int = setting(32 << 10, "largest request head (line + headers) accepted (431/400)")
+    head_timeout_s: float = setting(10.0, "a connection must send a complete request head within this (slow-loris)")
+    body_timeout_s: float = setting(30.0, "and then its whole body within this (408)")
+    keep_alive_s: float = setting(5.0, "an idle keep-alive connection is closed after this")
+    docs: bool = setting(True, "serve /docs and /openapi.json")
+    cors_origins: tuple[str, ...] = setting((), "browser origins allowed to call the API, comma-separated")
+    max_n: int = setting(16, "most choices per prompt (n)")
+    max_prompts: int = setting(32, "most prompts in one /v1/completions body")
+    max_stop: int = setting(4, "most stop strings (OpenAI's limit)")
+    metrics_prefix: str = setting("diffuserve", "prefix of the Prometheus metric names; 'vllm' lets a vLLM "
+                                  "dashboard read them unchanged")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_running: int = 64  # requests stepped together
-    max_waiting: int = 256  # queued beyond the running set; more get 429
-    max_rows_per_step: int = 8192  # query rows one batched forward may compute
-    kv_cache_mb: int = 1024  # the shared KV pool's budget
-    request_timeout_s: float = 600.0  # a request still running after this is ended (504)
-    drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests get to finish
-    threads: int | None = None  # torch threads of the engine thread; None: torch's default (one per core)
+    max_running: int = setting(64, "requests stepped together")
+    max_waiting: int = setting(256, "requests queued beyond the running set; more get 429")
+    max_rows_per_step: int = setting(8192, "query rows one batched forward may compute")
+    kv_cache_mb: int = setting(1024, "the shared KV pool's budget, MiB")
+    request_timeout_s: float = setting(600.0, "a request still running after this is ended (504)")
+    drain_timeout_s: float = setting(30.0, "on SIGTERM, how long in-flight requests get to finish")
+    threads: int | None = setting(None, "torch threads of the engine thread", "torch's, one per core")
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,8 @@ class Config:
             errors.append("server.port must be in 1..65535")
         if min(s.max_body_bytes, s.max_header_bytes, s.max_n, s.max_prompts) < 1 or s.max_stop < 0:
             errors.append("server limits must be positive")
+        if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", s.metrics_prefix):
+            errors.append("server.metrics_prefix must be a Prometheus name: letters, digits, _ (not first a digit)")
         if min(s.head_timeout_s, s.body_timeout_s, s.keep_alive_s) <= 0:
             errors.append("server timeouts must be positive")
         e = self.engine
@@ -181,8 +193,15 @@ def build_config(yaml_path: str | None = None, **overrides) -> Config:
                 value = value.lower() in ("1", "true", "yes", "on")
             raw[section][name] = value
     for key, value in overrides.items():
-        if value is not None:
-            section, name = key.split("__")
+        if value is None:
+            continue
+        section, name = key.split("__")
+        if key == "decoding__options":  # option by option, over the YAML's
+            raw[section][name] = {**(raw[section].get(name) or {}), **value}
+        elif key == "decoding__methods":
+            given = dict(raw[section].get(name) or {})
+            raw[section][name] = {m: {**(given.get(m) or {}), **opts} for m, opts in {**given, **value}.items()}
+        else:
             raw[section][name] = value
     try:  # a bundled model's name (or nothing: the default bundled model) becomes its directory
         raw["model"]["path"] = resolve_model(raw["model"].get("path"))

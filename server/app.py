@@ -53,10 +53,9 @@ def uvicorn_config(app, cfg, log_level: str = "info") -> uvicorn.Config:
 def serve(args: argparse.Namespace) -> int:
     """Listen at once (probes see LOADING), load and warm the model in a thread, then serve; -> exit status."""
     from diffuserve.engine.config import build_config
+    from diffuserve.tools.serve_flags import config_overrides
 
-    cfg = build_config(args.config, model__path=args.model, model__dtype=args.dtype, model__device=args.device,
-                       model__served_model_name=args.served_model_name, server__host=args.host,
-                       server__port=args.port, server__api_key=args.api_key)
+    cfg = build_config(args.config, **config_overrides(args))
     threads = _engine_threads()
     life = Lifecycle()
     swap = Swap(starting_app(life))
@@ -106,7 +105,7 @@ def _load(cfg, life: Lifecycle, swap: Swap, threads: int | None = None) -> None:
         t0 = time.monotonic()
         llm = LLM(cfg.model.path, cfg.model.dtype, cfg.model.device)
         served = cfg.model.served_model_name or cfg.model.path.rstrip("/").split("/")[-1]
-        metrics = Metrics(served)
+        metrics = Metrics(served, cfg.server.metrics_prefix)
         engine, front = build_engine(cfg, llm, None, threads)  # no metrics yet: the warm-up is nobody's request
         life.engine = engine
         log.info("loaded %s in %.1fs; warming up", cfg.model.path, time.monotonic() - t0)

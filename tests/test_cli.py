@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,48 @@ def test_conformance_command_output_and_exit_codes(tmp_path):
     assert lines[-1] == "1 passed, 1 failed, 1 skipped"
     assert any(keep[1]["id"] in l and "position 1" in l for l in lines)
     assert any("future-case" in l and "skipped: method not implemented" in l for l in lines)
+
+
+def test_version_and_serve_help_lists_every_config_field_with_its_default():
+    import dataclasses
+    from importlib.metadata import version
+
+    from diffuserve.engine.config import EngineConfig, ModelConfig, ServerConfig
+
+    assert _run("--version", check=True).stdout.strip() == f"diffuserve {version('diffuserve')}"
+    text = " ".join(_run("serve", "--help", check=True).stdout.split())  # argparse wraps lines
+    for cls in (ModelConfig, ServerConfig, EngineConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == "path":
+                continue  # the positional `model`
+            flag = "--" + f.name.replace("_", "-")
+            found = re.compile(re.escape(flag) + r"[ ,]").search(text, text.index("options:"))  # not the usage
+            assert found, flag
+            entry = text[found.start():text.find(" --", found.end() + 8)]
+            assert "(default: " in entry, entry
+    for flag in ("--max-num-seqs", "--max-num-batched-tokens", "--method", "--option", "--method-option", "model"):
+        assert flag in text, flag
+    assert "(default: 64)" in text and "(default: '127.0.0.1')" in text and "--docs, --no-docs" in text
+
+
+def test_serve_flags_reach_the_config(monkeypatch):
+    from diffuserve.engine.config import build_config
+    from diffuserve.tools.cli import build_parser
+    from diffuserve.tools.serve_flags import config_overrides
+
+    monkeypatch.chdir(ROOT)
+    args = build_parser().parse_args([
+        "serve", "tiny-task", "--max-num-seqs", "3", "--max-waiting", "0", "--no-docs", "--cors-origins", "a,b",
+        "--request-timeout-s", "9.5", "--metrics-prefix", "vllm", "--option", "threshold=0.8",
+        "--method-option", "guided.verifier=tiny-task-ar", "--method-option", "llada.steps=16"])
+    cfg = build_config(args.config, **config_overrides(args))
+    assert (cfg.engine.max_running, cfg.engine.max_waiting, cfg.engine.request_timeout_s) == (3, 0, 9.5)
+    assert cfg.server.docs is False and cfg.server.cors_origins == ("a", "b") and cfg.server.metrics_prefix == "vllm"
+    assert cfg.model.path.endswith("tiny-task") and cfg.decoding.options["threshold"] == 0.8
+    # The bundled model's own options (configs/tiny-task.yaml) stay where a flag does not set them.
+    assert cfg.decoding.options["span"] == 48
+    assert cfg.decoding.methods["guided"]["verifier"] == "tiny-task-ar" and cfg.decoding.methods["llada"]["steps"] == 16
+    bad = _run("serve", "--option", "threshold")
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+    bad = _run("serve", "--metrics-prefix", "9x")
+    assert bad.returncode == 2 and "metrics_prefix" in bad.stderr

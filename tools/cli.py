@@ -15,6 +15,8 @@ import sys
 from diffuserve.engine.decoding import METHODS
 from diffuserve.engine.decoding.options import all_fields
 
+from .serve_flags import add_serve_flags
+
 _BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
@@ -129,6 +131,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("diffuserve")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from diffuserve.server.app import serve
 
@@ -137,6 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffuserve", description="Serving engine for diffusion language models")
+    p.add_argument("--version", action="version", version=f"diffuserve {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate once from a prompt and print the result")
@@ -182,15 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quality-n", type=int, default=20, help="held-out task examples decoded (0: skip)")
     pr.set_defaults(func=cmd_prune)
 
-    s = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
-    s.add_argument("model", nargs="?", help="checkpoint directory")
-    s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=None)
-    s.add_argument("--config", help="YAML config file (configs/)")
-    s.add_argument("--api-key", default=None)
-    s.add_argument("--served-model-name", default=None)
-    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "float64", "auto"])
-    s.add_argument("--device", default=None)
+    s = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server",
+                       description="Start the OpenAI-compatible HTTP server. Every config field is a flag; "
+                       "precedence: flag, then DIFFUSERVE_* environment, then --config YAML, then the default.")
+    add_serve_flags(s)
     s.set_defaults(func=cmd_serve)
     return p
 
