@@ -162,7 +162,7 @@ class Engine:
             running = list(self.scheduler.running)  # the admitted ones last
             self._observe_queues()
         for req in admitted:
-            req.phase = RequestStatus.RUNNING
+            req.phase, req.admitted_at = RequestStatus.RUNNING, time.monotonic()
             self._guard(req, lambda r=req: self._start(r))
         stepping = [r for r in running if r.phase is RequestStatus.RUNNING]
         if stepping:
@@ -263,7 +263,8 @@ class Engine:
 
     def _observe_queues(self) -> None:
         if self.metrics is not None:
-            self.metrics.on_queues(*self.scheduler.counts(), self.scheduler.pool.bytes_in_use)
+            pool = self.scheduler.pool
+            self.metrics.on_queues(*self.scheduler.counts(), pool.bytes_in_use, pool.pages_in_use / pool.usable_pages)
 
 
 class RequestGroup:

@@ -1,61 +1,91 @@
-"""Prometheus metrics, vLLM-like names under the `diffuserve:` prefix, one registry per engine.
+"""Prometheus metrics, one registry per engine, under a configurable prefix (`diffuserve:` by default).
+
+The request-level series carry vLLM's names, labels and meanings (`num_requests_running`, `kv_cache_usage_perc`,
+`request_success_total{finished_reason}`, `time_to_first_token_seconds`, `inter_token_latency_seconds`,
+`request_queue_time_seconds`, ...), so that a dashboard built for vLLM reads them once the prefix matches (serve
+with `--metrics-prefix vllm` to use one unchanged). Beside them, what only a diffusion engine has: forwards per
+request, tokens committed and query rows per step, far-field pruning, window refreshes. No `*_created` series.
 
 The engine calls the `on_*` hooks from its thread; the server counts rejections (429/503) with `on_rejected`.
-Request outcomes: finished, aborted (client gone, deadline, shutdown), rejected, error.
+Request outcomes (`requests_total{outcome}`): finished, aborted (client gone, deadline, shutdown), rejected, error.
 """
 
 from __future__ import annotations
 
 import time
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+prometheus_client.disable_created_metrics()  # a vLLM scrape has no *_created series; they double every counter
+
 LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+GAPS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 OUTCOMES = ("finished", "aborted", "rejected", "error")
+# vLLM's finished_reason values; ours map onto them (a deadline or a client gone is an abort).
+FINISHED_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "timeout": "abort", "error": "error"}
 
 
 class Metrics:
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, prefix: str = "diffuserve"):
         self.registry = r = CollectorRegistry()
-        label = {"labelnames": ["model_name"], "registry": r}
-        self.running = Gauge("diffuserve:num_requests_running", "Requests in the running set", **label)
-        self.waiting = Gauge("diffuserve:num_requests_waiting", "Requests in the waiting queue", **label)
-        self.kv_bytes = Gauge("diffuserve:kv_cache_bytes_in_use", "KV pool bytes held by requests", **label)
-        self.requests = Counter("diffuserve:requests", "Requests by outcome", ["model_name", "outcome"],
-                                registry=r)
-        self.prompt_tokens = Counter("diffuserve:prompt_tokens", "Prompt tokens of ended requests", **label)
-        self.generation_tokens = Counter("diffuserve:generation_tokens",
-                                         "Generated tokens (before EOS / stop string)", **label)
-        self.ttft = Histogram("diffuserve:time_to_first_token_seconds", "Arrival to first settled output",
-                              buckets=LATENCY, **label)
-        self.tpot = Histogram("diffuserve:time_per_output_token_seconds", "Decode time per generated token",
-                              buckets=LATENCY, **label)
-        self.e2e = Histogram("diffuserve:e2e_request_latency_seconds", "Arrival to end", buckets=LATENCY, **label)
-        self.passes = Histogram("diffuserve:forward_passes_per_request", "Model forwards a request took part in",
-                                buckets=COUNTS, **label)
-        self.committed = Histogram("diffuserve:tokens_committed_per_step", "Tokens committed in one engine step",
-                                   buckets=COUNTS, **label)
-        self.rows = Histogram("diffuserve:query_rows_per_step", "Query rows computed in one engine step",
-                              buckets=COUNTS, **label)
-        self.pruned = Histogram("diffuserve:far_field_tokens_pruned_per_step",
-                                "Canvas positions neither computed nor attended in one step", buckets=COUNTS, **label)
-        self.refreshes = Counter("diffuserve:refreshes", "Window refresh steps", **label)
-        self.steps = Counter("diffuserve:engine_steps", "Batched engine steps", **label)
-        self.batch = Histogram("diffuserve:requests_per_step", "Requests computed in one engine step",
-                               buckets=COUNTS, **label)
         self.model_name = model_name
-        for outcome in OUTCOMES:  # every outcome is exported from the start, at 0
+        p = prefix + ":"
+        label = {"labelnames": ["model_name"], "registry": r}
+
+        def hist(name, doc, buckets):
+            return Histogram(p + name, doc, buckets=buckets, **label)
+
+        # -- vLLM's names ------------------------------------------------------------------------------------------
+        self.running = Gauge(p + "num_requests_running", "Requests in the running set", **label)
+        self.waiting = Gauge(p + "num_requests_waiting", "Requests in the waiting queue", **label)
+        self.kv_usage = Gauge(p + "kv_cache_usage_perc", "Fraction of the KV pool held by requests (1 = full)",
+                              **label)
+        self.success = Counter(p + "request_success", "Ended requests by finish reason",
+                               ["model_name", "finished_reason"], registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of ended requests", **label)
+        self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens (before EOS / stop string)",
+                                         **label)
+        self.ttft = hist("time_to_first_token_seconds", "Arrival to first settled output", LATENCY)
+        self.itl = hist("inter_token_latency_seconds", "Time between two settled outputs of a request, per token",
+                        GAPS)
+        self.tpot = hist("time_per_output_token_seconds", "Decode time per generated token", LATENCY)
+        self.e2e = hist("e2e_request_latency_seconds", "Arrival to end", LATENCY)
+        self.queue = hist("request_queue_time_seconds", "Arrival to admission into the running set", LATENCY)
+        self.inference = hist("request_inference_time_seconds", "Admission to end", LATENCY)
+        self.prompt_len = hist("request_prompt_tokens", "Prompt tokens per request", COUNTS)
+        self.generation_len = hist("request_generation_tokens", "Generated tokens per request", COUNTS)
+        # -- ours ----------------------------------------------------------------------------------------------------
+        self.kv_bytes = Gauge(p + "kv_cache_bytes_in_use", "KV pool bytes held by requests", **label)
+        self.requests = Counter(p + "requests", "Requests by outcome", ["model_name", "outcome"], registry=r)
+        self.passes = hist("forward_passes_per_request", "Model forwards a request took part in", COUNTS)
+        self.committed = hist("tokens_committed_per_step", "Tokens committed in one engine step", COUNTS)
+        self.rows = hist("query_rows_per_step", "Query rows computed in one engine step", COUNTS)
+        self.pruned = hist("far_field_tokens_pruned_per_step",
+                           "Canvas positions neither computed nor attended in one step", COUNTS)
+        self.refreshes = Counter(p + "refreshes", "Window refresh steps", **label)
+        self.steps = Counter(p + "engine_steps", "Batched engine steps", **label)
+        self.batch = hist("requests_per_step", "Requests computed in one engine step", COUNTS)
+        for metric in (self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
+                       self.ttft, self.itl, self.tpot, self.e2e, self.queue, self.inference, self.prompt_len,
+                       self.generation_len, self.kv_bytes, self.passes, self.committed, self.rows, self.pruned,
+                       self.refreshes, self.steps, self.batch):
+            self._m(metric)  # every series is exported from the start, at 0, so dashboards find it
+        for outcome in OUTCOMES:
             self.requests.labels(model_name, outcome)
+        for reason in sorted(set(FINISHED_REASONS.values())):
+            self.success.labels(model_name, reason)
 
     def _m(self, metric):
         return metric.labels(self.model_name)
 
     # -- hooks ---------------------------------------------------------------------------------------------------
-    def on_queues(self, running: int, waiting: int, kv_bytes: int) -> None:
+    def on_queues(self, running: int, waiting: int, kv_bytes: int, kv_usage: float = 0.0) -> None:
         self._m(self.running).set(running)
         self._m(self.waiting).set(waiting)
         self._m(self.kv_bytes).set(kv_bytes)
+        self._m(self.kv_usage).set(kv_usage)
 
     def on_step(self, stats, committed: int, refreshes: int) -> None:
         self._m(self.steps).inc()
@@ -68,11 +98,20 @@ class Metrics:
     def on_finish(self, req, completion_tokens: int) -> None:
         outcome = {"finished": "finished", "aborted": "aborted", "failed": "error"}[req.phase.value]
         self.requests.labels(self.model_name, outcome).inc()
+        reason = req.finish_reason if outcome == "finished" else ("error" if outcome == "error" else "abort")
+        self.success.labels(self.model_name, FINISHED_REASONS.get(reason, "stop")).inc()
         self._m(self.prompt_tokens).inc(len(req.prompt_ids))
         self._m(self.generation_tokens).inc(completion_tokens)
+        self._m(self.prompt_len).observe(len(req.prompt_ids))
+        self._m(self.generation_len).observe(completion_tokens)
         now = req.finished_at or time.monotonic()
         self._m(self.e2e).observe(now - req.arrival)
         self._m(self.passes).observe(req.forward_calls)
+        if req.admitted_at is not None:
+            self._m(self.queue).observe(req.admitted_at - req.arrival)
+            self._m(self.inference).observe(now - req.admitted_at)
+        for gap in req.token_gaps:
+            self._m(self.itl).observe(gap)
         if req.first_output_at is not None:
             self._m(self.ttft).observe(req.first_output_at - req.arrival)
             if completion_tokens > 1:

@@ -63,8 +63,12 @@ class Request:
     emitted: int = 0  # settled generated tokens already sent
     settled: int = 0  # length of the settled prefix at the last emit
     abort_reason: str | None = None  # set from any thread; acted on at the next step boundary
+    finish_reason: str | None = None  # as its last output said: stop, length, abort, timeout, error
     arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # entered the running set (queue time = admitted_at - arrival)
     first_output_at: float | None = None
+    last_output_at: float | None = None
+    token_gaps: list[float] = field(default_factory=list)  # per-token time between two outputs (inter-token latency)
     finished_at: float | None = None
     forward_calls: int = 0
     completion_tokens: int = 0  # known once finished: tokens before EOS or the stop string
@@ -114,17 +118,23 @@ class Request:
         out = RequestOutput(self.request_id, text, new, lp, prompt_tokens=len(self.prompt_ids))
         if complete:
             out.finished, out.finish_reason = True, done.finish_reason
+            self.finish_reason = done.finish_reason
             self.completion_tokens = len(done.token_ids)
             out.completion_tokens, out.forward_calls = self.completion_tokens, self.forward_calls
             self.phase = RequestStatus.FINISHED
-        if self.first_output_at is None and (new or complete):
-            self.first_output_at = time.monotonic()
+        if new or complete:
+            now = time.monotonic()
+            if self.first_output_at is None:
+                self.first_output_at = now
+            elif new:  # tokens settle in bursts: the gap is shared by the burst's tokens
+                self.token_gaps += [(now - self.last_output_at) / len(new)] * len(new)
+            self.last_output_at = now
         self.sink(out)
         return complete
 
     def end(self, phase: RequestStatus, reason: str, error: str | None = None, status: int = 500) -> None:
         """An abnormal end (abort, timeout, failure): one last output that says why."""
-        self.phase = phase
+        self.phase, self.finish_reason = phase, reason
         self.sink(RequestOutput(self.request_id, "", [], [], finished=True, finish_reason=reason, error=error,
                                 status=status, prompt_tokens=len(self.prompt_ids),
                                 forward_calls=self.forward_calls))

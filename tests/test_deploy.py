@@ -3,6 +3,7 @@ compose file and Kubernetes manifests checked for what the deployment depends on
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -145,3 +146,24 @@ def test_replica_stopped_mid_run_behind_haproxy_loses_nothing(tmp_path):
             lb.terminate()
             lb.wait(timeout=10)
             log.close()
+
+
+def test_grafana_dashboard_queries_only_metrics_a_live_server_exports():
+    """Every series docker/grafana-dashboard.json queries is on a live server's /metrics (before any request: all
+    series are exported from the start), under vLLM's names where vLLM has one; no *_created series."""
+    dash = json.loads((DOCKER / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs.append(dash["templating"]["list"][1]["query"]["query"])
+    queried = {name for e in exprs for name in re.findall(r"diffuserve:[A-Za-z0-9_:]+", e)}
+    assert len(dash["panels"]) >= 12 and len(queried) >= 15, queried
+    for vllm_name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "request_success_total",
+                      "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
+                      "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket",
+                      "prompt_tokens_total", "generation_tokens_total"):
+        assert "diffuserve:" + vllm_name in queried, vllm_name
+    with server_process() as (_, base):
+        text = httpx.get(base + "/metrics").text
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    assert queried <= exported, sorted(queried - exported)
+    assert not any(name.endswith("_created") for name in exported)
+    assert 'diffuserve:request_success_total{finished_reason="length",model_name="tiny-text"} 0.0' in text

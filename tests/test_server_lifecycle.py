@@ -74,6 +74,12 @@ def test_overload_rejects_exactly_the_extra_requests(tmp_path):
         assert metric(base, "diffuserve:prompt_tokens_total") == prompt
         assert metric(base, "diffuserve:e2e_request_latency_seconds_count") == ok
         assert metric(base, "diffuserve:forward_passes_per_request_count") == ok
+        # vLLM's names: finished requests by reason, queue time per admitted request, the pool empty again.
+        assert sum(metric(base, "diffuserve:request_success_total", finished_reason=r) for r in ("stop", "length")) == ok
+        assert metric(base, "diffuserve:request_success_total", finished_reason="abort") == 0
+        assert metric(base, "diffuserve:request_queue_time_seconds_count") == ok
+        assert metric(base, "diffuserve:request_generation_tokens_sum") == tokens
+        assert metric(base, "diffuserve:kv_cache_usage_perc") == 0
         exported = httpx.get(base + "/metrics").text
         for name in ("num_requests_running", "num_requests_waiting", "time_to_first_token_seconds_bucket",
                      "time_per_output_token_seconds_bucket", "tokens_committed_per_step_bucket",

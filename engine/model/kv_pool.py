@@ -81,6 +81,10 @@ class KVPool:
         return self.total_pages - 1 - len(self.free_pages)
 
     @property
+    def usable_pages(self) -> int:
+        return self.total_pages - 1  # less the scratch page
+
+    @property
     def bytes_in_use(self) -> int:
         return self.pages_in_use * self.bytes_per_page
 
