@@ -45,8 +45,16 @@ def test_compose_file_wires_replicas_balancer_and_prometheus():
     assert re.search(r"timeout server\s+600s", lb)  # streams stay open
     scrape = yaml.safe_load((DOCKER / "prometheus.yml").read_text())["scrape_configs"][0]
     assert sorted(scrape["static_configs"][0]["targets"]) == sorted(f"{n}:8000" for n in replicas)
+    # Without a registry, compose.local.yaml builds HAProxy and Prometheus on the local base instead of pulling them.
+    local = yaml.safe_load((DOCKER / "compose.local.yaml").read_text())["services"]
+    assert set(local) == set(services)
+    for name in ("haproxy", "prometheus"):
+        assert (DOCKER / local[name]["build"]["dockerfile"]).is_file() and "BASE" in local[name]["build"]["args"]
+    files = ["-f", str(DOCKER / "compose.yaml"), "-f", str(DOCKER / "compose.local.yaml"), "config", "-q"]
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        subprocess.run(["docker", "compose", "-f", str(DOCKER / "compose.yaml"), "config", "-q"], check=True)
+        subprocess.run(["docker", "compose", *files], check=True)
+    elif shutil.which("docker-compose"):
+        subprocess.run(["docker-compose", *files], check=True, capture_output=True)
 
 
 def test_k8s_manifests_probe_drain_and_scale():
@@ -60,6 +68,8 @@ def test_k8s_manifests_probe_drain_and_scale():
     assert dep["spec"]["selector"]["matchLabels"] == dep["spec"]["template"]["metadata"]["labels"]
     (c,) = pod["containers"]
     assert c["livenessProbe"]["httpGet"]["path"] == "/health" and c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    # Started means loaded and warmed; a locally built image is used from the node, not pulled (:latest = Always).
+    assert c["startupProbe"]["httpGet"]["path"] == "/ready" and c["imagePullPolicy"] == "IfNotPresent"
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + 30  # preStop + the 30 s drain
     assert pod["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
@@ -69,7 +79,15 @@ def test_k8s_manifests_probe_drain_and_scale():
     assert svc["spec"]["ports"][0]["targetPort"] == c["ports"][0]["name"]
     hpa = docs["HorizontalPodAutoscaler"]
     assert hpa["apiVersion"] == "autoscaling/v2" and hpa["spec"]["scaleTargetRef"]["name"] == "diffuserve"
-    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "diffuserve_num_requests_waiting"
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"  # works with metrics-server alone
+    # The queue-depth alternative: its HPA asks for the metric the shipped adapter rule names.
+    queue = {d["kind"]: d for f in sorted((DOCKER / "k8s/queue-scaling").glob("*.yaml"))
+             for d in yaml.safe_load_all(f.read_text())}
+    wanted = queue["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    (rule,) = yaml.safe_load(queue["ConfigMap"]["data"]["config.yaml"])["rules"]
+    series = re.match(r"^([a-z_:]+)\{", rule["seriesQuery"]).group(1)
+    assert re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), series) == wanted
+    assert wanted == "diffuserve_num_requests_waiting"
 
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (scripts/setup.sh installs it)")
