@@ -113,7 +113,12 @@ class SamplingFields(DiffusionFields):
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: float | None = Field(
+        default=None, ge=0, le=2,
+        description="Omitted: the server's default, 0 (greedy) unless its config sets decoding option temperature "
+        "(`--option temperature=1.0` gives OpenAI's default). Greedy is the default because the methods choose which "
+        "masks to unmask by the model's confidence and LLaDA's and Dream's published results decode greedily; "
+        "sampling at 1.0 lowers the quality of a diffusion LM's output more than of an autoregressive model's.")
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
