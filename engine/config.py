@@ -37,6 +37,11 @@ class ModelConfig:
     device: str = setting("cpu", "cpu, cuda or cuda:N")
     served_model_name: str | None = setting(None, "the model id clients use", "the directory's name")
 
+    @property
+    def served(self) -> str:
+        """The model id clients use."""
+        return self.served_model_name or self.path.rstrip("/").split("/")[-1]
+
 
 @dataclass(frozen=True)
 class DecodingConfig:

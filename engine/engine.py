@@ -183,7 +183,7 @@ class Engine:
     def _step_batch(self, reqs: list[Request]) -> None:
         plans = []
         for req in reqs:
-            self._guard(req, lambda r=req: plans.append((r, r.state.plan())))
+            self._guard(req, lambda r=req: plans.append((r, r.plan())))
         chosen = self.scheduler.batch([p.rows for _, p in plans])
         if len(chosen) < len(plans):  # rows over budget: the ones left out go first next step
             with self.lock:
@@ -227,7 +227,8 @@ class Engine:
         tally[1] += int(plan.refresh)
         # emit marks the request FINISHED once its output is complete
         lp = None if state.logprobs is None else state.logprobs[state.prompt_len:]
-        req.emit(req.canvas(), final=state.done, logprobs=lp)
+        top = (state.top_ids[state.prompt_len:], state.top_lps[state.prompt_len:]) if state.top_k else None
+        req.emit(req.canvas(), final=state.done, logprobs=lp, top=top)
 
     def _guard(self, req: Request, fn) -> None:
         if req.phase is not RequestStatus.RUNNING:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .decoding import DecodeOptions, Method
@@ -35,6 +36,7 @@ class RequestOutput:
     text: str  # new final text since the previous output
     token_ids: list[int]  # new settled tokens since the previous output
     logprobs: list[float]  # their log-probabilities (where the method records them)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token: (id, logprob) alternatives
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" (finished), "abort" | "timeout" | "error"
     error: str | None = None
@@ -76,6 +78,8 @@ class Request:
     # request is one sequence.
     batch_prompts: list[list[int]] | None = None
     gen: torch.Generator | None = None  # its random stream; None: a generator seeded with `seed`
+    top_logprobs: int = 0  # alternatives to report per generated token
+    min_tokens: int = 0  # no stop token (EOS, EoT) among the first this many generated tokens (ignore_eos: all)
 
     def __post_init__(self):
         self.opts = self.method.make_options(self.opts)  # a ValueError names an option the method does not read
@@ -93,11 +97,26 @@ class Request:
         self.kv = kv
         prompt = torch.tensor(self.batch_prompts or [self.prompt_ids], dtype=torch.long)
         self.state = self.method.state(spec, prompt, self.opts, self.gen)
+        if self.top_logprobs:
+            self.state.want_top(self.top_logprobs)
+
+    def plan(self):
+        """The state's step plan, with the stop tokens banned where min_tokens says none may settle yet."""
+        plan = self.state.plan()
+        if self.min_tokens and self.stop_ids:
+            bound = len(self.prompt_ids) + self.min_tokens
+            shift = int(self.state.spec.shifted_logits)  # Dream: row p - 1 predicts position p
+            for seg in plan.segments:
+                rows = np.flatnonzero(seg.positions[seg.logits_rows] + shift < bound)
+                if len(rows):
+                    seg.ban = (rows, tuple(self.stop_ids))
+        return plan
 
     def canvas(self) -> list[int]:
         return self.state.canvas().tolist()
 
-    def emit(self, canvas: list[int], final: bool, logprobs: torch.Tensor | None = None) -> bool:
+    def emit(self, canvas: list[int], final: bool, logprobs: torch.Tensor | None = None,
+             top: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
         """Send what the canvas has settled since the last call; True if the output is complete (a stop token or
         string was reached, or `final`)."""
         settled, stopped = cut_at_stop(canvas, self.stop_ids, self.mask_id)
@@ -114,8 +133,10 @@ class Request:
         if not new and not text and not complete:
             return False
         lp = [] if logprobs is None else logprobs[self.emitted:upto].tolist()
+        alts = [] if top is None else [list(zip(i, v)) for i, v in zip(top[0][self.emitted:upto].tolist(),
+                                                                      top[1][self.emitted:upto].tolist())]
         self.emitted = max(self.emitted, upto)
-        out = RequestOutput(self.request_id, text, new, lp, prompt_tokens=len(self.prompt_ids))
+        out = RequestOutput(self.request_id, text, new, lp, alts, prompt_tokens=len(self.prompt_ids))
         if complete:
             out.finished, out.finish_reason = True, done.finish_reason
             self.finish_reason = done.finish_reason

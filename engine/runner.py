@@ -59,6 +59,7 @@ class ModelRunner:
             else:
                 fb, flat = self._pack_padded(segs)
                 logits = self.model.forward(fb).flatten(0, 1)[flat]  # [B, R, V] -> [M, V]
+            self._ban(logits, segs)
             choices = self._greedy(logits, segs)
             if logits.device.type != "cpu":  # the states' canvases and bookkeeping live on the host: one copy
                 logits = logits.cpu()
@@ -76,6 +77,20 @@ class ModelRunner:
             if plan.verify is not None:
                 res.verified = self._verify(plan.verify)
         return results, stats
+
+    def _ban(self, logits: torch.Tensor, segs: list[_Segment]) -> None:
+        """Segments' banned tokens (Segment.ban) get a logit no token reaches, in one indexed write for the batch.
+        Finite, not -inf: classifier-free guidance subtracts two banned logits, and -inf - -inf is NaN."""
+        if not any(s.ban is not None for s in segs):
+            return
+        starts = np.cumsum([0] + [len(s.candidates) for s in segs[:-1]])
+        rows, cols = [], []
+        for start, s in zip(starts, segs):
+            if s.ban is not None:
+                r, ids = s.ban
+                rows.append(np.repeat(r + start, len(ids)))  # [r * len(ids)]: each row once per banned id
+                cols.append(np.tile(np.asarray(ids, dtype=np.int64), len(r)))
+        logits[self._t(np.concatenate(rows)), self._t(np.concatenate(cols))] = BANNED_LOGIT
 
     def _greedy(self, logits: torch.Tensor, segs: list[_Segment]) -> list[tuple]:
         """Per segment: (argmax [R], its probability [R], log-probability [R]) if it asked, else Nones; computed
@@ -201,7 +216,7 @@ class _Segment:
         self.ids, self.positions, self.candidates = seg.ids, seg.positions, seg.logits_rows
         self.slots, self.key_slots = slot_map[seg.slots], slot_map[seg.keys]
         self.keys, self.canvas, self.rope_full_precision = seg.keys, seg.canvas, seg.rope_full_precision
-        self.greedy = seg.greedy
+        self.greedy, self.ban = seg.greedy, seg.ban
 
 
 def _rope_rule(segs: list[_Segment]):
@@ -218,6 +233,7 @@ def padded_rows(n: int) -> int:
     return -(-n // step) * step
 
 
+BANNED_LOGIT = -1e4  # below any real logit, exp() of it is 0 in every dtype, and it survives /temperature and CFG
 GROUP_COST_ROWS = 48  # one more attention call costs about what this many padded query rows do (bench.layout)
 
 

@@ -16,7 +16,10 @@ import time
 
 import uvicorn
 
+from .connection import with_request_ids
+from .errors import Guard
 from .lifecycle import Lifecycle, Stage, Swap, starting_app
+from .protocol import model_card
 
 log = logging.getLogger("diffuserve.server")
 
@@ -58,8 +61,10 @@ def serve(args: argparse.Namespace) -> int:
     cfg = build_config(args.config, **config_overrides(args))
     threads = _engine_threads()
     life = Lifecycle()
-    swap = Swap(starting_app(life))
-    server = DrainingServer(uvicorn_config(swap, cfg), life, cfg.engine.drain_timeout_s)
+    # While loading, /v1/models already names the model (clients and load balancers probe it), behind the same
+    # guard (API key, limits) as the real app; every response carries an x-request-id.
+    swap = Swap(Guard(starting_app(life, _card(cfg)), cfg))
+    server = DrainingServer(uvicorn_config(with_request_ids(swap), cfg), life, cfg.engine.drain_timeout_s)
     loader = threading.Thread(target=_load, args=(cfg, life, swap, threads), name="diffuserve-loader", daemon=True)
     loader.start()
     life.watch(server.die)
@@ -78,6 +83,18 @@ def serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         os._exit(status)
     return status
+
+
+def _card(cfg) -> dict | None:
+    """The /v1/models entry, from the checkpoint's config.json alone (None if that cannot be read: the loader will
+    say why)."""
+    from diffuserve.engine.model import load_spec
+
+    try:
+        return model_card(cfg.model.served, load_spec(cfg.model.path).max_positions)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("no model card before loading: %s", exc)
+        return None
 
 
 def _engine_threads() -> int:
@@ -104,7 +121,7 @@ def _load(cfg, life: Lifecycle, swap: Swap, threads: int | None = None) -> None:
     try:
         t0 = time.monotonic()
         llm = LLM(cfg.model.path, cfg.model.dtype, cfg.model.device)
-        served = cfg.model.served_model_name or cfg.model.path.rstrip("/").split("/")[-1]
+        served = cfg.model.served
         metrics = Metrics(served, cfg.server.metrics_prefix)
         engine, front = build_engine(cfg, llm, None, threads)  # no metrics yet: the warm-up is nobody's request
         life.engine = engine

@@ -47,6 +47,14 @@ class _BodyTooSlow(StarletteHTTPException):
         super().__init__(408, "the request body did not arrive in time")
 
 
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
+
+
+def protected(path: str) -> bool:
+    """The routes an API key guards: the OpenAI API and the tokenizer (probes, metrics and docs stay open)."""
+    return path.startswith("/v1/") or path in TOKENIZER_ROUTES
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
@@ -82,7 +90,7 @@ class Guard:
         if scope["method"] == "POST" and ctype not in ("application/json", "") and not ctype.endswith("+json"):
             return await _send_json(send, 415, error_body(f"Content-Type must be application/json, not {ctype!r}",
                                                           code="unsupported_media_type"))
-        if self.keys and scope["path"].startswith("/v1/") and not self.authorized(headers.get("authorization", "")):
+        if self.keys and protected(scope["path"]) and not self.authorized(headers.get("authorization", "")):
             return await _send_json(send, 401, error_body("invalid or missing API key", "authentication_error",
                                                           code="invalid_api_key"))
         seen, started, complete = 0, False, False

@@ -75,8 +75,8 @@ class Swap:
         await self.app(scope, receive, send)
 
 
-def starting_app(life: Lifecycle):
-    """What answers while the model loads (or after loading failed)."""
+def starting_app(life: Lifecycle, card: dict | None = None):
+    """What answers while the model loads (or after loading failed): the probes, and /v1/models from `card`."""
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
@@ -93,14 +93,18 @@ def starting_app(life: Lifecycle):
             status, body = (503, {"status": "dead", "error": life.error}) if dead else (200, {"status": "loading"})
         elif path == "/ready":
             status, body = 503, {"status": life.ready()}
+        elif card is not None and not dead and path == "/v1/models" and scope["method"] == "GET":
+            status, body = 200, {"object": "list", "data": [card]}
+        elif card is not None and not dead and path == f"/v1/models/{card['id']}" and scope["method"] == "GET":
+            status, body = 200, card
         else:
             status = 503
             body = {"error": {"message": f"the server is {life.ready()}; retry later", "type": "server_error",
                               "param": None, "code": "not_ready"}}
         data = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                                (b"retry-after", b"5")]})
+                    "headers": headers + ([(b"retry-after", b"5")] if status == 503 else [])})
         await send({"type": "http.response.body", "body": data})
 
     return app

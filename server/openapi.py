@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
@@ -146,6 +146,31 @@ class Status(BaseModel):
     status: str
 
 
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    tokenizer_class: str
+    model_max_length: int
+    vocab_size: int
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    mask_token: str | None
+
+
 # -- the `responses=` of each route --------------------------------------------------------------------------------
 def _error(description: str, retry_after: bool = False) -> dict:
     out: dict = {"model": ErrorResponse, "description": description}
@@ -198,6 +223,13 @@ CHAT = {200: {"model": ChatCompletionResponse, "description": "the chat completi
 MODELS = {200: {"model": ModelList, "description": "the one model this server serves"}, **_API_KEY, **_ANY_ROUTE}
 MODEL = {200: {"model": ModelCard, "description": "the served model"},
          404: _error("no such model"), **_API_KEY, **_ANY_ROUTE}
+_NO_TOKENIZER = {400: _error("the model has no tokenizer files, or the input cannot be tokenized")}
+TOKENIZE = {200: {"model": TokenizeResponse, "description": "the prompt's (or rendered messages') token ids"},
+            **_BODY, **_NO_TOKENIZER, 404: _error("no such model"), **_API_KEY, **_ANY_ROUTE}
+DETOKENIZE = {200: {"model": DetokenizeResponse, "description": "the text of the token ids"},
+              **_BODY, **_NO_TOKENIZER, 404: _error("no such model"), **_API_KEY, **_ANY_ROUTE}
+TOKENIZER_INFO = {200: {"model": TokenizerInfo, "description": "the tokenizer's class, special tokens, chat template"},
+                  **_NO_TOKENIZER, **_API_KEY, **_ANY_ROUTE}
 HEALTH = {200: {"model": Status, "description": "the process is up and its engine loop runs"},
           503: {"model": Status, "description": "the engine loop stopped: restart the process"}, **_ANY_ROUTE}
 READY = {200: {"model": Status, "description": "ready for requests"},

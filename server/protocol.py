@@ -126,6 +126,10 @@ class SamplingFields(DiffusionFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's: no EOS / end-of-turn token among the first min_tokens generated tokens, or in any (ignore_eos: every
+    # choice is max_tokens long unless a stop string ends it).
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -134,7 +138,8 @@ class SamplingFields(DiffusionFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=1)  # only the committed token's logprob is known
+    # The k most likely tokens at the step each token settled (OpenAI allows up to 5 here, vLLM 20).
+    logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class TextPart(BaseModel):
@@ -158,7 +163,41 @@ class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=0)  # alternatives are not computed
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)  # needs logprobs: true (OpenAI's rule)
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, vLLM's shape: a prompt, or chat messages rendered with the model's template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None  # None: True for a prompt, False for messages (the template adds them)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+def model_card(served: str, max_model_len: int | None) -> dict:
+    """The /v1/models entry; known from the config before the weights load."""
+    card = {"id": served, "object": "model", "created": 0, "owned_by": "diffuserve"}
+    if max_model_len is not None:
+        card["max_model_len"] = max_model_len
+    return card
 
 
 def new_id(prefix: str) -> str:
@@ -170,18 +209,23 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int) -> dict:
+def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int,
+                        tops: list[list[tuple[str, float]]] | None = None) -> dict:
+    """`tops`: each token's alternatives, most likely first (None: the token itself, logprobs=0)."""
     offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)],
-            "text_offset": offsets}
+    top = [dict(alts) for alts in tops] if tops else [{t: lp} for t, lp in zip(tokens, logprobs)]
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                        for t, lp in zip(tokens, logprobs)]}
+def chat_logprobs(tokens: list[str], logprobs: list[float],
+                  tops: list[list[tuple[str, float]]] | None = None) -> dict:
+    tops = tops or [[] for _ in tokens]
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                         "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in alts]}
+                        for t, lp, alts in zip(tokens, logprobs, tops)]}
 
 
 def completion_body(rid: str, model: str, choices: list[dict], use: dict) -> dict:

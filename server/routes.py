@@ -24,7 +24,7 @@ from diffuserve.engine.scheduler import Draining, QueueFull
 
 from . import openapi
 from .errors import APIError, install
-from .protocol import ChatRequest, CompletionRequest, new_id
+from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, model_card, new_id
 from .sse import Choice, Job, error_of, events
 
 # Body fields that are decoding options; each goes to the method's own options, and one the method does not
@@ -39,7 +39,7 @@ class Routes:
 
     def __init__(self, cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready):
         self.cfg, self.llm, self.front, self.metrics, self.ready = cfg, llm, front, metrics, ready
-        self.served = cfg.model.served_model_name or cfg.model.path.rstrip("/").split("/")[-1]
+        self.served = cfg.model.served
 
     # -- validation ----------------------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -79,6 +79,8 @@ class Routes:
         for k in sorted(changes.keys() - declared):
             raise APIError(400, f"method {method.name!r} has no option {k!r}; its options: "
                                 f"{', '.join(sorted(declared & set(OPTION_FIELDS)))}", k)
+        if req.min_tokens > gen:
+            raise APIError(400, f"min_tokens ({req.min_tokens}) cannot exceed max_tokens ({gen})", "min_tokens")
         if changes.get("steps", 0) > gen:
             raise APIError(400, f"steps ({changes['steps']}) cannot exceed max_tokens ({gen})", "steps")
         opts = base.with_(gen_length=gen, **changes)
@@ -125,20 +127,20 @@ class Routes:
         except (ValueError, TypeError) as exc:  # TypeError: text the tokenizer cannot take (a lone surrogate)
             raise APIError(400, f"the prompt cannot be tokenized: {exc}", "prompt") from None
 
-    def chat_ids(self, messages) -> list[int]:
+    def chat_ids(self, messages, add_generation_prompt: bool = True) -> list[int]:
         tok = self.llm.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template", "messages")
         try:
             text = tok.apply_chat_template([{"role": "system" if m.role == "developer" else m.role,
                                              "content": m.text()} for m in messages],
-                                           add_generation_prompt=True, tokenize=False)
+                                           add_generation_prompt=add_generation_prompt, tokenize=False)
             return tok(text, add_special_tokens=False)["input_ids"]
         except (ValueError, TypeError) as exc:
             raise APIError(400, f"the messages cannot be tokenized: {exc}", "messages") from None
 
     # -- running a job ---------------------------------------------------------------------------------------------
-    def submit(self, req, prompts: list[list[int]], opts: DecodeOptions, method, rid: str):
+    def submit(self, req, prompts: list[list[int]], opts: DecodeOptions, method, rid: str, top: int = 0):
         llm, timeout = self.llm, self.cfg.engine.request_timeout_s
         e = self.cfg.engine
         if len(prompts) * req.n > e.max_running + e.max_waiting:  # could never be held at once: retrying is futile
@@ -153,7 +155,8 @@ class Routes:
                 def make(sink, ids=ids, i=i):
                     return EngineRequest(f"{rid}-{i}", ids, method, opts, (base_seed + i) % 2**63, sink,
                                          llm.tokenizer, llm.spec.stop_ids, llm.spec.mask_id, req.stops(),
-                                         deadline=time.monotonic() + timeout)
+                                         deadline=time.monotonic() + timeout, top_logprobs=top,
+                                         min_tokens=opts.gen_length if req.ignore_eos else req.min_tokens)
                 makers.append(make)
         try:
             return self.front.submit(makers)
@@ -230,6 +233,7 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
     r = Routes(cfg, llm, front, metrics, ready)
     install(app, cfg)
     _probes(app, r)
+    _tokenizer_routes(app, r)
 
     @app.post("/v1/completions", responses=openapi.COMPLETIONS)
     async def completions(req: CompletionRequest, http: Request):
@@ -246,7 +250,7 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
             choices += [Choice(len(choices) + k, prefix=prefix) for k in range(req.n)]
         job = Job(rid, r.served, False, choices, sum(map(len, prompts)), r.token_text, req.logprobs is not None,
                   bool(req.stream and req.stream_options and req.stream_options.include_usage))
-        return await r.respond(http, job, r.submit(req, prompts, opts, method, rid), req.stream)
+        return await r.respond(http, job, r.submit(req, prompts, opts, method, rid, req.logprobs or 0), req.stream)
 
     @app.post("/v1/chat/completions", responses=openapi.CHAT)
     async def chat(req: ChatRequest, http: Request):
@@ -254,12 +258,15 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
         r.common(req)
         ids = r.chat_ids(req.messages)
         method = r.method(req)
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         r.check_logprobs(req.logprobs, method)
         opts = r.options(req, req.max_completion_tokens or req.max_tokens, len(ids), method)
         rid = new_id("chatcmpl")
         job = Job(rid, r.served, True, [Choice(k) for k in range(req.n)], len(ids), r.token_text, req.logprobs,
                   bool(req.stream and req.stream_options and req.stream_options.include_usage))
-        return await r.respond(http, job, r.submit(req, [ids], opts, method, rid), req.stream)
+        top = (req.top_logprobs or 0) if req.logprobs else 0
+        return await r.respond(http, job, r.submit(req, [ids], opts, method, rid, top), req.stream)
 
     return app
 
@@ -286,8 +293,7 @@ def _probes(app: FastAPI, r: Routes) -> None:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def card() -> dict:
-        return {"id": r.served, "object": "model", "created": 0, "owned_by": "diffuserve",
-                "max_model_len": llm.spec.max_positions}
+        return model_card(r.served, llm.spec.max_positions)
 
     @app.get("/v1/models", responses=openapi.MODELS)
     async def models():
@@ -297,3 +303,47 @@ def _probes(app: FastAPI, r: Routes) -> None:
     async def model(model_id: str):
         r.check_model(model_id)
         return card()
+
+
+def _tokenizer_routes(app: FastAPI, r: Routes) -> None:
+    """vLLM's /tokenize, /detokenize and /tokenizer_info (what lm-evaluation-harness's remote tokenizer asks), with
+    the same request and response shapes; they need the API key like the /v1/ routes."""
+    llm = r.llm
+
+    def tokenizer():
+        if llm.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer files: it takes and returns token ids only")
+        return llm.tokenizer
+
+    @app.post("/tokenize", responses=openapi.TOKENIZE)
+    async def tokenize(req: TokenizeRequest):
+        r.check_model(req.model)
+        tok = tokenizer()
+        if req.messages is not None:
+            ids = r.chat_ids(req.messages, req.add_generation_prompt)
+        else:
+            special = True if req.add_special_tokens is None else req.add_special_tokens
+            try:
+                ids = tok(req.prompt, add_special_tokens=special)["input_ids"]
+            except (ValueError, TypeError) as exc:
+                raise APIError(400, f"the prompt cannot be tokenized: {exc}", "prompt") from None
+        return {"count": len(ids), "max_model_len": llm.spec.max_positions, "tokens": ids,
+                "token_strs": r.token_text(ids) if req.return_token_strs else None}
+
+    @app.post("/detokenize", responses=openapi.DETOKENIZE)
+    async def detokenize(req: DetokenizeRequest):
+        r.check_model(req.model)
+        tok = tokenizer()
+        if any(not 0 <= t < llm.spec.vocab_size for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {llm.spec.vocab_size})", "tokens")
+        return {"prompt": tok.decode(req.tokens)}
+
+    @app.get("/tokenizer_info", responses=openapi.TOKENIZER_INFO)
+    async def tokenizer_info():
+        tok = tokenizer()
+        info = {"tokenizer_class": type(tok).__name__, "model_max_length": llm.spec.max_positions,
+                "vocab_size": llm.spec.vocab_size, "chat_template": getattr(tok, "chat_template", None)}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
+            value = getattr(tok, name, None)
+            info[name] = None if value is None else str(value)
+        return info

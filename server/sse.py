@@ -26,6 +26,7 @@ class Choice:
     text: str = ""
     tokens: list[str] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    tops: list[list[tuple[str, float]]] = field(default_factory=list)  # each token's alternatives (top_logprobs)
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: RequestOutput | None = None
@@ -51,17 +52,20 @@ class Job:
             c.error = out
             return None
         toks = self.token_text(out.token_ids) if self.want_logprobs else []
+        tops = [list(zip(self.token_text([i for i, _ in alts]), [v for _, v in alts])) for alts in out.top]
         offset = len(c.prefix) + len(c.text)
         c.text += out.text
         c.tokens += toks
         c.logprobs += out.logprobs if self.want_logprobs else []
+        c.tops += tops
         if out.finished:
             c.finish_reason, c.completion_tokens = out.finish_reason, out.completion_tokens
         if not out.text and not out.finished:
             return None
         lp = None
         if self.want_logprobs:
-            lp = chat_logprobs(toks, out.logprobs) if self.chat else completion_logprobs(toks, out.logprobs, offset)
+            lp = (chat_logprobs(toks, out.logprobs, tops) if self.chat
+                  else completion_logprobs(toks, out.logprobs, offset, tops))
         if self.chat:
             delta = {"content": out.text} if out.text else {}
             return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
@@ -86,8 +90,8 @@ class Job:
         for c in self.choices:
             lp = None
             if self.want_logprobs:
-                lp = (chat_logprobs(c.tokens, c.logprobs) if self.chat
-                      else completion_logprobs(c.tokens, c.logprobs, len(c.prefix)))
+                lp = (chat_logprobs(c.tokens, c.logprobs, c.tops) if self.chat
+                      else completion_logprobs(c.tokens, c.logprobs, len(c.prefix), c.tops))
             if self.chat:
                 choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
                                 "logprobs": lp, "finish_reason": c.finish_reason})

@@ -48,6 +48,9 @@ class Segment:
     # The runner also computes each requested row's greedy token and its probability, for all such segments of the
     # step at once (a temperature-0 commit's three small ops per request cost more than one batched op).
     greedy: bool = False
+    # (logits rows [r], token ids): tokens these rows may not choose, their logits set far below any other's. The
+    # engine sets it (min_tokens, ignore_eos: no EOS before a position), never the method.
+    ban: tuple[np.ndarray, tuple[int, ...]] | None = None
 
 
 @dataclass
@@ -118,6 +121,26 @@ class DecodeState:
     refresh_calls: int = 0
     logprobs: torch.Tensor | None = None  # [N] log-probability of each committed token, where the method keeps it
     records_logprobs = False  # whether it does (a request asking for logprobs needs it)
+    top_k = 0  # alternatives recorded per committed token (top_logprobs); set by want_top
+    top_ids: torch.Tensor | None = None  # [N, top_k] the most likely tokens at the step each position settled
+    top_lps: torch.Tensor | None = None  # [N, top_k] their log-probabilities
+
+    def want_top(self, k: int) -> None:
+        """Record the k most likely tokens of each committed position's distribution (at the step it settled)."""
+        n = self.x.shape[-1]
+        self.top_k = k
+        self.top_ids, self.top_lps = torch.zeros(n, k, dtype=torch.long), torch.zeros(n, k)
+
+    def record(self, pos, tokens: torch.Tensor, logprob: torch.Tensor, logits: torch.Tensor) -> None:
+        """Committed positions' tokens and log-probabilities ([P]) and, if asked, their alternatives from the
+        logits [P, V]; then the token's own value comes from the same log-softmax, so that a greedy token equals its
+        first alternative exactly (clients test `logprob == max(top)`)."""
+        if self.top_k:
+            full = torch.log_softmax(logits.float(), dim=-1)  # [P, V]
+            lps, ids = full.topk(self.top_k, dim=-1)  # [P, k] each
+            self.top_ids[pos], self.top_lps[pos] = ids, lps
+            logprob = full.gather(-1, tokens[:, None])[:, 0]
+        self.logprobs[pos] = logprob
 
     def __init__(self, spec: ModelSpec, prompt: torch.Tensor, opts: DecodeOptions, gen: torch.Generator | None):
         self.spec, self.opts, self.gen = spec, opts, gen

@@ -209,7 +209,7 @@ class WindowDecoder(DecodeState):
             pos = self.targets[pick.numpy()]
             self.xr[pos] = x0[pick]
             self._masks = None
-            self.logprobs[pos] = logprob[pick]
+            self.record(pos, x0[pick], logprob[pick], rows.logits[pick])
             self.fresh = pos if (was_refresh or self.opts.fresh == "once") else np.concatenate([self.fresh, pos])
         elif self.opts.fresh == "once":
             self.fresh = np.empty(0, dtype=np.int64)  # last step's commits were computed in this one

@@ -1,4 +1,4 @@
-"""B.4 #6 auth: exactly the /v1/ routes need a key (any of the configured ones, `Bearer` in any case); probes,
+"""B.4 #6 auth: exactly the /v1/ and tokenizer routes need a key (any of the configured ones, `Bearer` in any case); probes,
 metrics and docs stay open; keys are compared as fixed-length digests with hmac.compare_digest, every key each time;
 CORS preflight is answered (without a key) only for configured origins."""
 
@@ -18,7 +18,9 @@ from .ledger import figure
 KEYS = ("key-one-0123456789", "key-two-abcdefghij")
 PROTECTED = [("GET", "/v1/models", None), ("GET", "/v1/models/tiny-text", None),
              ("POST", "/v1/completions", {"prompt": "ROMEO.\n", "max_tokens": 4}),
-             ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})]
+             ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+             ("POST", "/tokenize", {"prompt": "hi"}), ("POST", "/detokenize", {"tokens": [1, 2]}),
+             ("GET", "/tokenizer_info", None)]
 PUBLIC = ["/health", "/ready", "/metrics", "/openapi.json", "/docs"]
 
 
