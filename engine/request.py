@@ -37,6 +37,7 @@ class RequestOutput:
     token_ids: list[int]  # new settled tokens since the previous output
     logprobs: list[float]  # their log-probabilities (where the method records them)
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token: (id, logprob) alternatives
+    prompt_logprobs: list[float | None] | None = None  # prompt scoring (decoding.score): with the last output
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" (finished), "abort" | "timeout" | "error"
     error: str | None = None
@@ -139,6 +140,7 @@ class Request:
         out = RequestOutput(self.request_id, text, new, lp, alts, prompt_tokens=len(self.prompt_ids))
         if complete:
             out.finished, out.finish_reason = True, done.finish_reason
+            out.prompt_logprobs = getattr(self.state, "prompt_logprobs", None)
             self.finish_reason = done.finish_reason
             self.completion_tokens = len(done.token_ids)
             out.completion_tokens, out.forward_calls = self.completion_tokens, self.forward_calls

@@ -112,7 +112,7 @@ class SamplingFields(DiffusionFields):
     """The OpenAI fields both endpoints share."""
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: only when scoring a prompt (echo with logprobs)
     temperature: float | None = Field(
         default=None, ge=0, le=2,
         description="Omitted: the server's default, 0 (greedy) unless its config sets decoding option temperature "
@@ -138,8 +138,11 @@ class SamplingFields(DiffusionFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    # The k most likely tokens at the step each token settled (OpenAI allows up to 5 here, vLLM 20).
+    # The k most likely tokens at the step each token settled (OpenAI allows up to 5 here, vLLM 20). With echo, the
+    # prompt is scored instead: its tokens' shares of the Monte-Carlo ELBO (engine/decoding/score.py).
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    mc_samples: int | None = Field(default=None, ge=1, le=1024)  # scoring: Monte-Carlo samples (default 32)
+    score_from: int | None = Field(default=None, ge=1)  # scoring: prompt tokens before this index are given
 
 
 class TextPart(BaseModel):

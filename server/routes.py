@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from diffuserve.engine.config import Config
 from diffuserve.engine.decoding import METHODS, DecodeOptions
+from diffuserve.engine.decoding.score import SCORE, ScoreOptions
 from diffuserve.engine.engine import AsyncEngine
 from diffuserve.engine.llm import LLM
 from diffuserve.engine.request import Request as EngineRequest
@@ -89,6 +90,27 @@ class Routes:
                 method.validate(opts)
             except ValueError as exc:
                 raise APIError(400, str(exc)) from None
+        return opts
+
+    def score_options(self, req, longest_prompt: int) -> ScoreOptions:
+        """Echo + logprobs: score the prompt (decoding.score), then generate max_tokens (0 or 1) tokens."""
+        if req.stream:
+            raise APIError(400, "prompt scoring (echo with logprobs) is not streamed", "stream")
+        gen = 1 if req.max_tokens is None else req.max_tokens
+        if gen > 1:
+            raise APIError(400, "echo with logprobs scores the prompt (its tokens' shares of the diffusion ELBO) and "
+                                "generates at most 1 token: ask for the completion separately", "max_tokens")
+        if longest_prompt + gen > self.llm.spec.max_positions:
+            raise APIError(400, f"the prompt has {longest_prompt} tokens; this model's context is "
+                                f"{self.llm.spec.max_positions}", "prompt", code="context_length_exceeded")
+        if req.method not in (None, "score"):
+            raise APIError(400, "echo with logprobs scores the prompt with method 'score'", "method")
+        changes = {k: v for k, v in (("mc_samples", req.mc_samples), ("score_from", req.score_from)) if v is not None}
+        opts = SCORE.make_options({"gen_length": gen, "temperature": req.temperature or 0.0, **changes})
+        try:
+            SCORE.validate(opts)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
         return opts
 
     def common(self, req) -> None:
@@ -240,14 +262,21 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
         r.check_model(req.model)
         r.common(req)
         prompts = r.prompts(req.prompt)
-        method = r.method(req)
-        r.check_logprobs(req.logprobs is not None, method)
-        opts = r.options(req, req.max_tokens or 16, max(map(len, prompts)), method)
+        scoring = req.echo and req.logprobs is not None  # the prompt's log-probabilities: decoding.score
+        if scoring:
+            method, opts = SCORE, r.score_options(req, max(map(len, prompts)))
+        else:
+            if req.max_tokens == 0:
+                raise APIError(400, "max_tokens 0 is only for scoring a prompt (echo with logprobs)", "max_tokens")
+            method = r.method(req)
+            r.check_logprobs(req.logprobs is not None, method)
+            opts = r.options(req, req.max_tokens or 16, max(map(len, prompts)), method)
         rid = new_id("cmpl")
         choices = []
         for ids in prompts:
             prefix = llm.tokenizer.decode(ids, skip_special_tokens=True) if req.echo and llm.tokenizer else ""
-            choices += [Choice(len(choices) + k, prefix=prefix) for k in range(req.n)]
+            toks = r.token_text(ids) if scoring else []
+            choices += [Choice(len(choices) + k, prefix=prefix, prompt_tokens=toks) for k in range(req.n)]
         job = Job(rid, r.served, False, choices, sum(map(len, prompts)), r.token_text, req.logprobs is not None,
                   bool(req.stream and req.stream_options and req.stream_options.include_usage))
         return await r.respond(http, job, r.submit(req, prompts, opts, method, rid, req.logprobs or 0), req.stream)
@@ -258,6 +287,8 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
         r.common(req)
         ids = r.chat_ids(req.messages)
         method = r.method(req)
+        if req.max_tokens == 0:
+            raise APIError(400, "max_tokens must be at least 1", "max_tokens")
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         r.check_logprobs(req.logprobs, method)

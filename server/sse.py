@@ -27,6 +27,8 @@ class Choice:
     tokens: list[str] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     tops: list[list[tuple[str, float]]] = field(default_factory=list)  # each token's alternatives (top_logprobs)
+    prompt_tokens: list[str] = field(default_factory=list)  # prompt scoring (echo + logprobs): the prompt's
+    prompt_logprobs: list[float | None] | None = None  # tokens and their ELBO shares
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: RequestOutput | None = None
@@ -58,6 +60,8 @@ class Job:
         c.tokens += toks
         c.logprobs += out.logprobs if self.want_logprobs else []
         c.tops += tops
+        if out.prompt_logprobs is not None:
+            c.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             c.finish_reason, c.completion_tokens = out.finish_reason, out.completion_tokens
         if not out.text and not out.finished:
@@ -84,12 +88,24 @@ class Job:
             body["usage"] = None
         return f"data: {json.dumps(body)}\n\n"
 
+    @staticmethod
+    def scored(c: Choice) -> dict:
+        """Echo + logprobs: the prompt's tokens with their ELBO shares (the first None, as OpenAI's echo), then the
+        generated ones. A prompt token's top_logprobs holds only itself: alternatives are not estimated."""
+        prompt_tops = [None if v is None else [(t, v)] for t, v in zip(c.prompt_tokens, c.prompt_logprobs)]
+        gen_tops = c.tops or [[(t, v)] for t, v in zip(c.tokens, c.logprobs)]
+        lp = completion_logprobs(c.prompt_tokens + c.tokens, c.prompt_logprobs + c.logprobs, 0)
+        lp["top_logprobs"] = [None if alts is None else dict(alts) for alts in prompt_tops + gen_tops]
+        return lp
+
     def body(self) -> dict:
         """The non-streamed response."""
         choices = []
         for c in self.choices:
             lp = None
-            if self.want_logprobs:
+            if self.want_logprobs and c.prompt_logprobs is not None:
+                lp = self.scored(c)
+            elif self.want_logprobs:
                 lp = (chat_logprobs(c.tokens, c.logprobs, c.tops) if self.chat
                       else completion_logprobs(c.tokens, c.logprobs, len(c.prefix), c.tops))
             if self.chat:
