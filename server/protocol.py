@@ -175,7 +175,9 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    prompt: str | None = None
+    # A prompt given as chat messages is rendered like `messages`: lm-evaluation-harness's remote tokenizer sends
+    # the chat history that way with --apply_chat_template.
+    prompt: str | list[ChatMessage] | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = None  # None: True for a prompt, False for messages (the template adds them)
     add_generation_prompt: bool = True

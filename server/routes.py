@@ -350,8 +350,11 @@ def _tokenizer_routes(app: FastAPI, r: Routes) -> None:
     async def tokenize(req: TokenizeRequest):
         r.check_model(req.model)
         tok = tokenizer()
-        if req.messages is not None:
-            ids = r.chat_ids(req.messages, req.add_generation_prompt)
+        chat = req.messages if req.messages is not None else (req.prompt if isinstance(req.prompt, list) else None)
+        if chat is not None:
+            if not chat:
+                raise APIError(400, "messages must not be empty", "prompt")
+            ids = r.chat_ids(chat, req.add_generation_prompt)
         else:
             special = True if req.add_special_tokens is None else req.add_special_tokens
             try:
