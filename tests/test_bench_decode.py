@@ -64,7 +64,10 @@ def test_sweep_measures_each_setting_and_fewer_active_tokens_compute_fewer_rows(
     by_a = {d["active_tokens"]: d for d in rows}
     assert set(by_a) == {2, 8}
     for d in rows:
-        assert d["c1_tok_s"] > 0 and abs(d["ratio"] - d["c2_tok_s"] / d["c1_tok_s"]) < 0.01
+        # The table rounds tok/s to 0.1 and the ratio (of the unrounded rates) to 0.01: recomputed from the rounded
+        # rates it may differ by up to what those roundings allow.
+        slack = 0.005 + 0.05 * (1 + d["ratio"]) / (d["c1_tok_s"] - 0.05)
+        assert d["c1_tok_s"] > 0 and abs(d["ratio"] - d["c2_tok_s"] / d["c1_tok_s"]) <= slack
         assert 0 <= d["agreement"] <= 1 and d["elbo"] > 0 and d["forwards"] > 0
     assert by_a[2]["rows_per_token"] < by_a[8]["rows_per_token"]
     assert [d["c1_tok_s"] for d in rows] == sorted((d["c1_tok_s"] for d in rows), reverse=True)
