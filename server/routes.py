@@ -246,6 +246,9 @@ async def _next_or_disconnect(http: Request, it):
     finally:
         if not nxt.done():
             nxt.cancel()
+            # Wait for the cancelled __anext__ to unwind: closing the generator while it still runs raised
+            # "aclose(): asynchronous generator is already running" (a 500 and a traceback per early disconnect).
+            await asyncio.wait({nxt})
 
 
 def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> FastAPI:

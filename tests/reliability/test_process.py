@@ -288,3 +288,33 @@ def test_sigterm_during_warm_up_aborts_it():
     server.handle_exit(signal.SIGTERM, None)
     assert server.should_exit and life.engine.aborted == 1 and life.engine.drained == 0
     assert life.stage is Stage.DRAINING
+
+
+def test_clients_gone_before_the_first_output_are_aborted_without_errors(tmp_path):
+    """A client that leaves before anything came out: its request is aborted at a step boundary, with no 500 and no
+    traceback (closing the output stream while its pending read still ran used to raise, each time)."""
+    port = free_port()
+    proc, log = spawn("--config", config(tmp_path), "--port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    body = json.dumps({"prompt": "ROMEO.\n", "max_tokens": 256, "method": "llada", "steps": 256}).encode()
+    try:
+        wait_ready(proc, base)
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                time.sleep(0.5)  # admitted and stepping; llada's first output is a whole block away
+        end = time.monotonic() + 120
+        aborted = 0.0
+        while time.monotonic() < end and aborted < 3:
+            text = httpx.get(base + "/metrics").text
+            aborted = float(re.search(r'^diffuserve:requests_total\{[^}]*outcome="aborted"[^}]*\} (\S+)$', text,
+                                      re.M).group(1))
+            time.sleep(0.2)
+        assert aborted == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    log.seek(0)
+    text = log.read()
+    assert "Traceback" not in text and " ERROR " not in text, text[-3000:]
