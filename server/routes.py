@@ -140,8 +140,16 @@ class Routes:
                 raise APIError(400, "prompt must not be empty", "prompt")
             if any(not 0 <= t < vocab for t in ids):
                 raise APIError(400, f"token ids must be in [0, {vocab})", "prompt")
+            self.check_no_mask(ids, "prompt")
             out.append(ids)
         return out
+
+    def check_no_mask(self, ids: list[int], param: str) -> None:
+        """The mask token in a prompt would be filled by the model like the canvas's own masks (and the answer
+        left empty): not a feature this API offers, so a 400 rather than a silently different request."""
+        if self.llm.spec.mask_id in ids:
+            raise APIError(400, f"the {param} contains the mask token (id {self.llm.spec.mask_id}); diffusion "
+                                "infilling of a prompt is not offered", param)
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -149,7 +157,7 @@ class Routes:
         except (ValueError, TypeError) as exc:  # TypeError: text the tokenizer cannot take (a lone surrogate)
             raise APIError(400, f"the prompt cannot be tokenized: {exc}", "prompt") from None
 
-    def chat_ids(self, messages, add_generation_prompt: bool = True) -> list[int]:
+    def chat_ids(self, messages, add_generation_prompt: bool = True, generating: bool = True) -> list[int]:
         tok = self.llm.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template", "messages")
@@ -157,9 +165,12 @@ class Routes:
             text = tok.apply_chat_template([{"role": "system" if m.role == "developer" else m.role,
                                              "content": m.text()} for m in messages],
                                            add_generation_prompt=add_generation_prompt, tokenize=False)
-            return tok(text, add_special_tokens=False)["input_ids"]
+            ids = tok(text, add_special_tokens=False)["input_ids"]
         except (ValueError, TypeError) as exc:
             raise APIError(400, f"the messages cannot be tokenized: {exc}", "messages") from None
+        if generating:
+            self.check_no_mask(ids, "messages")
+        return ids
 
     # -- running a job ---------------------------------------------------------------------------------------------
     def submit(self, req, prompts: list[list[int]], opts: DecodeOptions, method, rid: str, top: int = 0):
@@ -357,7 +368,7 @@ def _tokenizer_routes(app: FastAPI, r: Routes) -> None:
         if chat is not None:
             if not chat:
                 raise APIError(400, "messages must not be empty", "prompt")
-            ids = r.chat_ids(chat, req.add_generation_prompt)
+            ids = r.chat_ids(chat, req.add_generation_prompt, generating=False)
         else:
             special = True if req.add_special_tokens is None else req.add_special_tokens
             try:

@@ -77,7 +77,7 @@ CASES = [
     ("logit_bias", C, body(OK, logit_bias={"5": 10}), J, 400, "logit_bias"),
     ("best_of 3", C, body(OK, best_of=3), J, 400, "best_of"),
     ("suffix", C, body(OK, suffix="the end"), J, 400, "suffix"),
-    ("logprobs 5", C, body(OK, logprobs=5), J, 400, "logprobs"),
+    ("logprobs 21", C, body(OK, logprobs=21), J, 400, "logprobs"),
     ("logprobs with a whole-run method", C, body(OK, logprobs=1, method="llada"), J, 400, "logprobs"),
     ("chat without messages", CHAT, body(MSG, messages=DROP), J, 400, "messages"),
     ("chat with no message", CHAT, body(MSG, messages=[]), J, 400, "messages"),

@@ -78,11 +78,19 @@ def test_stop_string_is_removed_and_counted(client):
 
 
 def test_token_id_prompts_echo_and_logprobs(client):
-    out = client.completions.create(model="tiny-text", prompt=[[1, 200, 300], [1, 400]], max_tokens=8, echo=True,
+    # echo + logprobs scores the prompt (its tokens' ELBO shares; the first is null, as OpenAI's) and generates at
+    # most one token; more is a 400 that says so.
+    out = client.completions.create(model="tiny-text", prompt=[[1, 200, 300], [1, 400]], max_tokens=1, echo=True,
                                     logprobs=1, seed=0)
     assert [c.index for c in out.choices] == [0, 1] and out.usage.prompt_tokens == 5
     lp = out.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) and all(x <= 0 for x in lp.token_logprobs)
+    assert len(lp.tokens) == len(lp.token_logprobs) == 3 + 1 and lp.token_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny-text", prompt=[[1, 200, 300]], max_tokens=8, echo=True, logprobs=1)
+    assert e.value.body["param"] == "max_tokens"
+    plain = client.completions.create(model="tiny-text", prompt=[[1, 200, 300]], max_tokens=8, echo=True, seed=0)
+    assert plain.usage.completion_tokens == 8
 
 
 def test_errors_surface_as_sdk_exceptions(base, client):

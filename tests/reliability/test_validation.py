@@ -86,7 +86,7 @@ CASES = [
     ("seed negative", "POST", C, body(OK, seed=-1), J, 400, "seed"),
     ("seed 2**64", "POST", C, body(OK, seed=2**64), J, 400, "seed"),
     ("seed NaN", "POST", C, raw('{"prompt": "x", "seed": NaN}'), J, 400, "seed"),
-    ("logprobs 5", "POST", C, body(OK, logprobs=5), J, 400, "logprobs"),
+    ("logprobs 21", "POST", C, body(OK, logprobs=21), J, 400, "logprobs"),
     ("logprobs -1", "POST", C, body(OK, logprobs=-1), J, 400, "logprobs"),
     # --- completions: stop, stream, other types --------------------------------------------------------------
     ("five stop strings", "POST", C, body(OK, stop=["a", "b", "c", "d", "e"]), J, 400, "stop"),
@@ -407,3 +407,21 @@ def test_poisoning_check(real_server):
     assert not not_refused, not_refused
     assert good_statuses == [200] * 9, good_statuses
     assert before == after, (before, after)
+
+
+def test_mask_tokens_in_a_prompt_are_refused(stack):
+    """`<|mask|>` typed in a prompt (or its id) would be filled by the model like the canvas (200, empty text,
+    finish "length"): a 400 naming the field instead; /tokenize still tokenizes it."""
+    mask = tiny_text().spec.mask_id
+    base = stack.base
+    cases = [("/v1/completions", {"prompt": "ROMEO.\n<|mask|><|mask|> speaks", "max_tokens": 4}, "prompt"),
+             ("/v1/completions", {"prompt": [5, mask, 7], "max_tokens": 4}, "prompt"),
+             ("/v1/completions", {"prompt": ["ok", "a <|mask|>"], "max_tokens": 4}, "prompt"),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "fill <|mask|> in"}],
+                                       "max_tokens": 4}, "messages")]
+    for path, payload, param in cases:
+        r = httpx.post(base + path, json=payload, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (payload, r.text)
+        assert "mask token" in r.json()["error"]["message"]
+    assert mask in httpx.post(base + "/tokenize", json={"prompt": "a <|mask|>"}).json()["tokens"]
+    assert httpx.post(base + "/v1/completions", json={"prompt": "ROMEO.\n", "max_tokens": 4}).status_code == 200
