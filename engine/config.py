@@ -115,6 +115,8 @@ class EngineConfig:
     kv_cache_mb: int = setting(1024, "the shared KV pool's budget, MiB")
     request_timeout_s: float = setting(600.0, "a request still running after this is ended (504)")
     drain_timeout_s: float = setting(30.0, "on SIGTERM, how long in-flight requests get to finish")
+    stall_timeout_s: float = setting(300.0, "requests waiting or running and no engine step finished within this: "
+                                     "/health turns 503 and the watchdog ends the process (status 1)")
     threads: int | None = setting(None, "torch threads of the engine thread", "torch's, one per core")
 
 
@@ -148,8 +150,9 @@ class Config:
         e = self.engine
         if min(e.max_running, e.max_rows_per_step, e.kv_cache_mb) < 1 or e.max_waiting < 0:
             errors.append("engine limits must be positive (max_waiting may be 0)")
-        if e.request_timeout_s <= 0 or e.drain_timeout_s < 0:
-            errors.append("engine.request_timeout_s must be positive and drain_timeout_s not negative")
+        if e.request_timeout_s <= 0 or e.drain_timeout_s < 0 or e.stall_timeout_s <= 0:
+            errors.append("engine.request_timeout_s and stall_timeout_s must be positive, drain_timeout_s not "
+                          "negative")
         if errors:
             raise ValueError("invalid configuration: " + "; ".join(errors))
         return self

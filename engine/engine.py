@@ -54,6 +54,7 @@ class Engine:
         self.lock = threading.Condition()
         self.steps = 0
         self.fatal: BaseException | None = None  # set when a fatal error stopped the loop
+        self.progress_at = time.monotonic()  # the last step's end, or when work arrived at an idle engine
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="diffuserve-engine", daemon=True)
 
@@ -96,6 +97,15 @@ class Engine:
         """The engine thread is running (liveness: /health is 503 once it is not)."""
         return self._thread.is_alive() and self.fatal is None
 
+    @property
+    def stopped(self) -> bool:
+        """The engine thread has ended (after stop(), or never started)."""
+        return not self._thread.is_alive()
+
+    def stalled_for(self) -> float:
+        """Seconds that requests have been waiting or running with no engine step finishing (0 when idle)."""
+        return 0.0 if self.scheduler.idle else time.monotonic() - self.progress_at
+
     def drain(self) -> None:
         with self.lock:
             self.scheduler.draining = True
@@ -132,6 +142,7 @@ class Engine:
                     if leak:
                         log.error("leak check failed: %s", leak)
                     self.lock.wait()
+                    self.progress_at = time.monotonic()  # an idle engine was not stalled
                 if self._stop:
                     return
             try:
@@ -142,6 +153,7 @@ class Engine:
                     return
                 log.exception("engine step failed")
             finally:  # the step's outputs go out even when it failed (and the engine's last ones when it died)
+                self.progress_at = time.monotonic()
                 for hook in self.after_step:
                     hook()
 

@@ -67,7 +67,7 @@ def serve(args: argparse.Namespace) -> int:
     server = DrainingServer(uvicorn_config(with_request_ids(swap), cfg), life, cfg.engine.drain_timeout_s)
     loader = threading.Thread(target=_load, args=(cfg, life, swap, threads), name="diffuserve-loader", daemon=True)
     loader.start()
-    life.watch(server.die)
+    life.watch(server.die, stall_s=cfg.engine.stall_timeout_s)
     log.info("listening on http://%s:%d; loading %s", cfg.server.host, cfg.server.port, cfg.model.path)
     server.run()
     status = 1 if life.stage is Stage.DEAD else 0
@@ -76,9 +76,10 @@ def serve(args: argparse.Namespace) -> int:
     life.closed = True
     if life.engine is not None:
         life.engine.stop()
-    if loader.is_alive():
-        # Stopped while loading: the loader is inside torch, and tearing the interpreter down under it can abort
-        # the process (SIGABRT from a C++ thread). Nothing is left to save, so leave without the teardown.
+    if loader.is_alive() or (life.engine is not None and not life.engine.stopped):
+        # Stopped while loading, or with the engine stuck in a step (stalled): that thread is inside torch, and
+        # tearing the interpreter down under it can abort the process (SIGABRT from a C++ thread). Nothing is left
+        # to save, so leave without the teardown.
         logging.shutdown()
         sys.stdout.flush()
         os._exit(status)

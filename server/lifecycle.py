@@ -44,15 +44,19 @@ class Lifecycle:
         """The /ready status: "ready", or what the server is doing instead."""
         return self.stage.value
 
-    def watch(self, stop, grace_s: float = 2.0, every_s: float = 0.25) -> threading.Thread:
-        """Start the watchdog: once the engine is dead (or loading failed), wait `grace_s` (probes see /health 503)
-        and call stop()."""
+    def watch(self, stop, grace_s: float = 2.0, every_s: float = 0.25,
+              stall_s: float | None = None) -> threading.Thread:
+        """Start the watchdog: once the engine is dead, or stalled (work waiting, no step finished for `stall_s`),
+        or loading failed, wait `grace_s` (probes see /health 503) and call stop()."""
 
         def run():
             while not self.closed:
                 eng = self.engine
                 if eng is not None and not eng.alive and self.stage is not Stage.DEAD:
                     self.to(Stage.DEAD, f"engine stopped: {getattr(eng, 'fatal', None)}")
+                stalled = eng.stalled_for() if eng is not None and stall_s is not None else 0.0
+                if stall_s is not None and stalled > stall_s and self.stage is not Stage.DEAD:
+                    self.to(Stage.DEAD, f"engine stalled: no step finished for {stalled:.0f}s")
                 if self.stage is Stage.DEAD:
                     log.critical("server is dead (%s); exiting in %.1fs", self.error, grace_s)
                     time.sleep(grace_s)

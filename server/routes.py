@@ -324,6 +324,9 @@ def _probes(app: FastAPI, r: Routes) -> None:
     async def health():
         if not r.front.engine.alive:  # the process is up but can generate nothing: let the orchestrator restart it
             return JSONResponse({"status": "engine stopped"}, status_code=503)
+        stalled = r.front.engine.stalled_for()
+        if stalled > r.cfg.engine.stall_timeout_s:  # work is waiting and no step ends: as good as stopped
+            return JSONResponse({"status": f"engine stalled: no step finished for {stalled:.0f}s"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/ready", responses=openapi.READY)

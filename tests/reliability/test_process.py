@@ -318,3 +318,39 @@ def test_clients_gone_before_the_first_output_are_aborted_without_errors(tmp_pat
     log.seek(0)
     text = log.read()
     assert "Traceback" not in text and " ERROR " not in text, text[-3000:]
+
+
+def test_a_stalled_engine_fails_health_and_the_watchdog_ends_the_server():
+    """Work waiting and no step finishing for engine.stall_timeout_s: /health is 503 (liveness probes restart the
+    process) until a step ends; the watchdog calls the server dead and stops it. A slow fake step (3 s) against a
+    1 s bound stands in for a stuck one."""
+    from .conftest import fake_server
+
+    with fake_server(delay=3.0, engine__stall_timeout_s=1.0) as stack:
+        assert httpx.get(stack.base + "/health").status_code == 200  # idle: not stalled, however long
+        t = threading.Thread(target=lambda: httpx.post(stack.base + "/v1/completions", timeout=120,
+                                                       json={"prompt": "ROMEO.\n", "max_tokens": 4}))
+        t.start()
+        stalled = None
+        end = time.monotonic() + 60
+        while time.monotonic() < end and stalled is None:
+            r = httpx.get(stack.base + "/health")
+            stalled = r.json()["status"] if r.status_code == 503 else None
+            time.sleep(0.1)
+        assert stalled is not None and stalled.startswith("engine stalled"), stalled
+        t.join()
+        assert stack.engine.wait_idle(60) and httpx.get(stack.base + "/health").status_code == 200
+
+    from diffuserve.server.lifecycle import Lifecycle, Stage
+
+    class Stuck:
+        alive = True
+
+        def stalled_for(self):
+            return 5.0
+
+    life, stopped = Lifecycle(), threading.Event()
+    life.engine = Stuck()
+    life.to(Stage.READY)
+    life.watch(stopped.set, grace_s=0.0, every_s=0.05, stall_s=2.0)
+    assert stopped.wait(30) and life.stage is Stage.DEAD and "stalled" in life.error
