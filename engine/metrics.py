@@ -32,21 +32,24 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.model_name = model_name
         p = prefix + ":"
-        label = {"labelnames": ["model_name"], "registry": r}
+
+        def one(kind, name, doc, **kw):
+            """A series labelled by model only, exported from the start (at 0) so that dashboards find it."""
+            metric = kind(p + name, doc, labelnames=["model_name"], registry=r, **kw)
+            metric.labels(model_name)
+            return metric
 
         def hist(name, doc, buckets):
-            return Histogram(p + name, doc, buckets=buckets, **label)
+            return one(Histogram, name, doc, buckets=buckets)
 
         # -- vLLM's names ------------------------------------------------------------------------------------------
-        self.running = Gauge(p + "num_requests_running", "Requests in the running set", **label)
-        self.waiting = Gauge(p + "num_requests_waiting", "Requests in the waiting queue", **label)
-        self.kv_usage = Gauge(p + "kv_cache_usage_perc", "Fraction of the KV pool held by requests (1 = full)",
-                              **label)
+        self.running = one(Gauge, "num_requests_running", "Requests in the running set")
+        self.waiting = one(Gauge, "num_requests_waiting", "Requests in the waiting queue")
+        self.kv_usage = one(Gauge, "kv_cache_usage_perc", "Fraction of the KV pool held by requests (1 = full)")
         self.success = Counter(p + "request_success", "Ended requests by finish reason",
                                ["model_name", "finished_reason"], registry=r)
-        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of ended requests", **label)
-        self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens (before EOS / stop string)",
-                                         **label)
+        self.prompt_tokens = one(Counter, "prompt_tokens", "Prompt tokens of ended requests")
+        self.generation_tokens = one(Counter, "generation_tokens", "Generated tokens (before EOS / stop string)")
         self.ttft = hist("time_to_first_token_seconds", "Arrival to first settled output", LATENCY)
         self.itl = hist("inter_token_latency_seconds", "Time between two settled outputs of a request, per token",
                         GAPS)
@@ -57,21 +60,16 @@ class Metrics:
         self.prompt_len = hist("request_prompt_tokens", "Prompt tokens per request", COUNTS)
         self.generation_len = hist("request_generation_tokens", "Generated tokens per request", COUNTS)
         # -- ours ----------------------------------------------------------------------------------------------------
-        self.kv_bytes = Gauge(p + "kv_cache_bytes_in_use", "KV pool bytes held by requests", **label)
+        self.kv_bytes = one(Gauge, "kv_cache_bytes_in_use", "KV pool bytes held by requests")
         self.requests = Counter(p + "requests", "Requests by outcome", ["model_name", "outcome"], registry=r)
         self.passes = hist("forward_passes_per_request", "Model forwards a request took part in", COUNTS)
         self.committed = hist("tokens_committed_per_step", "Tokens committed in one engine step", COUNTS)
         self.rows = hist("query_rows_per_step", "Query rows computed in one engine step", COUNTS)
         self.pruned = hist("far_field_tokens_pruned_per_step",
                            "Canvas positions neither computed nor attended in one step", COUNTS)
-        self.refreshes = Counter(p + "refreshes", "Window refresh steps", **label)
-        self.steps = Counter(p + "engine_steps", "Batched engine steps", **label)
+        self.refreshes = one(Counter, "refreshes", "Window refresh steps")
+        self.steps = one(Counter, "engine_steps", "Batched engine steps")
         self.batch = hist("requests_per_step", "Requests computed in one engine step", COUNTS)
-        for metric in (self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
-                       self.ttft, self.itl, self.tpot, self.e2e, self.queue, self.inference, self.prompt_len,
-                       self.generation_len, self.kv_bytes, self.passes, self.committed, self.rows, self.pruned,
-                       self.refreshes, self.steps, self.batch):
-            self._m(metric)  # every series is exported from the start, at 0, so dashboards find it
         for outcome in OUTCOMES:
             self.requests.labels(model_name, outcome)
         for reason in sorted(set(FINISHED_REASONS.values())):
@@ -81,7 +79,7 @@ class Metrics:
         return metric.labels(self.model_name)
 
     # -- hooks ---------------------------------------------------------------------------------------------------
-    def on_queues(self, running: int, waiting: int, kv_bytes: int, kv_usage: float = 0.0) -> None:
+    def on_queues(self, running: int, waiting: int, kv_bytes: int, kv_usage: float) -> None:
         self._m(self.running).set(running)
         self._m(self.waiting).set(waiting)
         self._m(self.kv_bytes).set(kv_bytes)

@@ -140,7 +140,7 @@ class Request:
         out = RequestOutput(self.request_id, text, new, lp, alts, prompt_tokens=len(self.prompt_ids))
         if complete:
             out.finished, out.finish_reason = True, done.finish_reason
-            out.prompt_logprobs = getattr(self.state, "prompt_logprobs", None)
+            out.prompt_logprobs = self.state.prompt_logprobs
             self.finish_reason = done.finish_reason
             self.completion_tokens = len(done.token_ids)
             out.completion_tokens, out.forward_calls = self.completion_tokens, self.forward_calls

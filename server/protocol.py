@@ -197,12 +197,9 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def model_card(served: str, max_model_len: int | None) -> dict:
+def model_card(served: str, max_model_len: int) -> dict:
     """The /v1/models entry; known from the config before the weights load."""
-    card = {"id": served, "object": "model", "created": 0, "owned_by": "diffuserve"}
-    if max_model_len is not None:
-        card["max_model_len"] = max_model_len
-    return card
+    return {"id": served, "object": "model", "created": 0, "owned_by": "diffuserve", "max_model_len": max_model_len}
 
 
 def new_id(prefix: str) -> str:
@@ -216,12 +213,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int,
                         tops: list[list[tuple[str, float]]] | None = None) -> dict:
-    """`tops`: each token's alternatives, most likely first (None: the token itself, logprobs=0)."""
+    """`tops`: each token's alternatives, most likely first, or None for a token without any (a scored prompt's
+    first); no `tops` at all: each token itself (logprobs=0)."""
     offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    top = [dict(alts) for alts in tops] if tops else [{t: lp} for t, lp in zip(tokens, logprobs)]
+    if tops:
+        top = [None if alts is None else dict(alts) for alts in tops]
+    else:
+        top = [{t: lp} for t, lp in zip(tokens, logprobs)]
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
 
 

@@ -67,13 +67,7 @@ class Routes:
     def options(self, req, max_tokens: int | None, longest_prompt: int, method) -> DecodeOptions:
         base = self.cfg.decoding.options_for(method, self.cfg.decoding.default_method(self.llm.spec.family))
         gen = max_tokens or base.gen_length
-        limit = self.llm.spec.max_positions
-        if longest_prompt >= limit:
-            raise APIError(400, f"the prompt has {longest_prompt} tokens; this model's context is {limit}", "prompt",
-                           code="context_length_exceeded")
-        if longest_prompt + gen > limit:
-            raise APIError(400, f"prompt ({longest_prompt} tokens) + max_tokens ({gen}) exceeds this model's "
-                           f"context of {limit} tokens", "max_tokens", code="context_length_exceeded")
+        self.check_context(longest_prompt, gen)
         declared = method.options.field_names()
         changes = {k: getattr(req, k) for k in OPTION_FIELDS
                    if getattr(req, k) is not None and (k in declared or NO_OP.get(k) != getattr(req, k))}
@@ -92,6 +86,16 @@ class Routes:
                 raise APIError(400, str(exc)) from None
         return opts
 
+    def check_context(self, longest_prompt: int, gen: int) -> None:
+        limit = self.llm.spec.max_positions
+        if longest_prompt + gen <= limit:
+            return
+        if longest_prompt >= limit:
+            raise APIError(400, f"the prompt has {longest_prompt} tokens; this model's context is {limit}", "prompt",
+                           code="context_length_exceeded")
+        raise APIError(400, f"prompt ({longest_prompt} tokens) + max_tokens ({gen}) exceeds this model's context of "
+                            f"{limit} tokens", "max_tokens", code="context_length_exceeded")
+
     def score_options(self, req, longest_prompt: int) -> ScoreOptions:
         """Echo + logprobs: score the prompt (decoding.score), then generate max_tokens (0 or 1) tokens."""
         if req.stream:
@@ -100,9 +104,7 @@ class Routes:
         if gen > 1:
             raise APIError(400, "echo with logprobs scores the prompt (its tokens' shares of the diffusion ELBO) and "
                                 "generates at most 1 token: ask for the completion separately", "max_tokens")
-        if longest_prompt + gen > self.llm.spec.max_positions:
-            raise APIError(400, f"the prompt has {longest_prompt} tokens; this model's context is "
-                                f"{self.llm.spec.max_positions}", "prompt", code="context_length_exceeded")
+        self.check_context(longest_prompt, gen)
         if req.method not in (None, "score"):
             raise APIError(400, "echo with logprobs scores the prompt with method 'score'", "method")
         changes = {k: v for k, v in (("mc_samples", req.mc_samples), ("score_from", req.score_from)) if v is not None}
@@ -310,8 +312,8 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
         rid = new_id("chatcmpl")
         job = Job(rid, r.served, True, [Choice(k) for k in range(req.n)], len(ids), r.token_text, req.logprobs,
                   bool(req.stream and req.stream_options and req.stream_options.include_usage))
-        top = (req.top_logprobs or 0) if req.logprobs else 0
-        return await r.respond(http, job, r.submit(req, [ids], opts, method, rid, top), req.stream)
+        return await r.respond(http, job, r.submit(req, [ids], opts, method, rid, req.top_logprobs or 0),
+                               req.stream)
 
     return app
 

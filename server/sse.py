@@ -94,9 +94,8 @@ class Job:
         generated ones. A prompt token's top_logprobs holds only itself: alternatives are not estimated."""
         prompt_tops = [None if v is None else [(t, v)] for t, v in zip(c.prompt_tokens, c.prompt_logprobs)]
         gen_tops = c.tops or [[(t, v)] for t, v in zip(c.tokens, c.logprobs)]
-        lp = completion_logprobs(c.prompt_tokens + c.tokens, c.prompt_logprobs + c.logprobs, 0)
-        lp["top_logprobs"] = [None if alts is None else dict(alts) for alts in prompt_tops + gen_tops]
-        return lp
+        return completion_logprobs(c.prompt_tokens + c.tokens, c.prompt_logprobs + c.logprobs, 0,
+                                   prompt_tops + gen_tops)
 
     def body(self) -> dict:
         """The non-streamed response."""

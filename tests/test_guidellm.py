@@ -6,34 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import httpx
 import pytest
 
 from conftest import running_server
+from reliability.conftest import metric, scrape
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDELLM = shutil.which("guidellm") or str(ROOT / ".venv/bin/guidellm")
 REQUESTS = 32
-
-
-def scrape(base: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in httpx.get(base + "/metrics").text.splitlines():
-        m = re.match(r"^(diffuserve:\S+?)(\{[^}]*\})? (\S+)$", line)
-        if m:
-            key = m.group(1) + (m.group(2) or "")
-            out[key] = out.get(key, 0.0) + float(m.group(3))
-    return out
-
-
-def total(samples: dict[str, float], name: str, **labels) -> float:
-    return sum(v for k, v in samples.items() if k.split("{")[0] == name
-               and all(f'{a}="{b}"' in k for a, b in labels.items()))
 
 
 @pytest.mark.skipif(not Path(GUIDELLM).exists(), reason="guidellm is installed by scripts/setup.sh --test")
@@ -59,7 +43,7 @@ def test_fixed_length_load_run_completes_at_64_tokens(tmp_path):
     assert all(json.loads(r["request_args"])["body"]["ignore_eos"] for r in ok)
 
     def delta(name, **labels):
-        return total(after, name, **labels) - total(before, name, **labels)
+        return metric(after, name, **labels) - metric(before, name, **labels)
 
     assert delta("diffuserve:request_success_total", finished_reason="length") == REQUESTS
     assert delta("diffuserve:request_success_total") == REQUESTS

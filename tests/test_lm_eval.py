@@ -18,11 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
 from conftest import running_server
+from reliability.conftest import metric, scrape
 from diffuserve.tools.train import task_data as tk
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is installed by scripts/setup.sh --test")
@@ -78,9 +78,7 @@ def lm_eval(base: str, tasks: Path, name: str, out: Path, *extra: str, model_arg
 
 
 def prompt_tokens(base: str) -> float:
-    text = httpx.get(base + "/metrics").text
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("diffuserve:prompt_tokens_total"))
+    return metric(scrape(base), "diffuserve:prompt_tokens_total")
 
 
 def test_multiple_choice_is_scored_by_the_elbo(base, tmp_path):

@@ -59,7 +59,6 @@ class ScoreState(DecodeState):
         self.sum = torch.zeros(L, dtype=torch.float64)  # per position: sum over samples of log p / (k / T)
         self.masked, self.k = self._draw() if self.T else (None, None)
         self.next = 0  # the next sample to compute
-        self.prompt_logprobs: list[float | None] | None = None
         if not self.T:
             self._finish_scoring()
 

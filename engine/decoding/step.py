@@ -124,6 +124,7 @@ class DecodeState:
     top_k = 0  # alternatives recorded per committed token (top_logprobs); set by want_top
     top_ids: torch.Tensor | None = None  # [N, top_k] the most likely tokens at the step each position settled
     top_lps: torch.Tensor | None = None  # [N, top_k] their log-probabilities
+    prompt_logprobs: list[float | None] | None = None  # per prompt token, where the state scores the prompt
 
     def want_top(self, k: int) -> None:
         """Record the k most likely tokens of each committed position's distribution (at the step it settled)."""
