@@ -18,7 +18,7 @@ from .decoding import DecodeOptions, Method, get_method
 from .detokenizer import Completion, finish
 from .model import DiffusionLM, load_model
 from .model.bundled import resolve_model
-from .model.tokenizer import load_tokenizer
+from .model.tokenizer import chat_ids, load_tokenizer
 
 
 @dataclass
@@ -45,9 +45,7 @@ class LLM:
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError(f"{self.model_dir} has no chat template")
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                      add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return chat_ids(self.tokenizer, [{"role": "user", "content": prompt}])
         return self.tokenizer(prompt)["input_ids"]
 
     def default_method(self) -> str:

@@ -25,6 +25,7 @@ from diffuserve.engine.scheduler import Draining, QueueFull
 
 from . import openapi
 from .errors import APIError, install
+from .prompts import Prompts
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, model_card, new_id
 from .sse import Choice, Job, error_of, events
 
@@ -41,6 +42,7 @@ class Routes:
     def __init__(self, cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready):
         self.cfg, self.llm, self.front, self.metrics, self.ready = cfg, llm, front, metrics, ready
         self.served = cfg.model.served
+        self.prompts = Prompts(llm, cfg.server.max_prompts)
 
     # -- validation ----------------------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -123,56 +125,6 @@ class Routes:
             raise APIError(400, f"at most {s.max_stop} stop sequences are allowed", "stop")
         if any(not isinstance(x, str) or not x for x in req.stops()):
             raise APIError(400, "stop sequences must be non-empty strings", "stop")
-
-    def prompts(self, prompt) -> list[list[int]]:
-        """A completion body's prompt (string, strings, ids, lists of ids) -> token id lists."""
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if not prompt:
-            raise APIError(400, "prompt must not be empty", "prompt")
-        if isinstance(prompt[0], int):
-            prompt = [prompt]
-        if len(prompt) > self.cfg.server.max_prompts:
-            raise APIError(400, f"at most {self.cfg.server.max_prompts} prompts per request", "prompt")
-        out = []
-        for p in prompt:
-            ids = self.encode(p) if isinstance(p, str) else list(p)
-            vocab = self.llm.spec.vocab_size
-            if not ids:
-                raise APIError(400, "prompt must not be empty", "prompt")
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"token ids must be in [0, {vocab})", "prompt")
-            self.check_no_mask(ids, "prompt")
-            out.append(ids)
-        return out
-
-    def check_no_mask(self, ids: list[int], param: str) -> None:
-        """The mask token in a prompt would be filled by the model like the canvas's own masks (and the answer
-        left empty): not a feature this API offers, so a 400 rather than a silently different request."""
-        if self.llm.spec.mask_id in ids:
-            raise APIError(400, f"the {param} contains the mask token (id {self.llm.spec.mask_id}); diffusion "
-                                "infilling of a prompt is not offered", param)
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return self.llm.encode(text)
-        except (ValueError, TypeError) as exc:  # TypeError: text the tokenizer cannot take (a lone surrogate)
-            raise APIError(400, f"the prompt cannot be tokenized: {exc}", "prompt") from None
-
-    def chat_ids(self, messages, add_generation_prompt: bool = True, generating: bool = True) -> list[int]:
-        tok = self.llm.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise APIError(400, "this model has no chat template", "messages")
-        try:
-            text = tok.apply_chat_template([{"role": "system" if m.role == "developer" else m.role,
-                                             "content": m.text()} for m in messages],
-                                           add_generation_prompt=add_generation_prompt, tokenize=False)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        except (ValueError, TypeError) as exc:
-            raise APIError(400, f"the messages cannot be tokenized: {exc}", "messages") from None
-        if generating:
-            self.check_no_mask(ids, "messages")
-        return ids
 
     # -- running a job ---------------------------------------------------------------------------------------------
     def submit(self, req, prompts: list[list[int]], opts: DecodeOptions, method, rid: str, top: int = 0):
@@ -277,7 +229,7 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
     async def completions(req: CompletionRequest, http: Request):
         r.check_model(req.model)
         r.common(req)
-        prompts = r.prompts(req.prompt)
+        prompts = await r.prompts.completion(req.prompt)
         scoring = req.echo and req.logprobs is not None  # the prompt's log-probabilities: decoding.score
         if scoring:
             method, opts = SCORE, r.score_options(req, max(map(len, prompts)))
@@ -301,7 +253,7 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
     async def chat(req: ChatRequest, http: Request):
         r.check_model(req.model)
         r.common(req)
-        ids = r.chat_ids(req.messages)
+        ids = await r.prompts.chat(req.messages)
         method = r.method(req)
         if req.max_tokens == 0:
             raise APIError(400, "max_tokens must be at least 1", "max_tokens")
@@ -358,28 +310,19 @@ def _probes(app: FastAPI, r: Routes) -> None:
 def _tokenizer_routes(app: FastAPI, r: Routes) -> None:
     """vLLM's /tokenize, /detokenize and /tokenizer_info (what lm-evaluation-harness's remote tokenizer asks), with
     the same request and response shapes; they need the API key like the /v1/ routes."""
-    llm = r.llm
-
-    def tokenizer():
-        if llm.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer files: it takes and returns token ids only")
-        return llm.tokenizer
+    llm, tokenizer = r.llm, r.prompts.tokenizer
 
     @app.post("/tokenize", responses=openapi.TOKENIZE)
     async def tokenize(req: TokenizeRequest):
         r.check_model(req.model)
-        tok = tokenizer()
+        tokenizer()
         chat = req.messages if req.messages is not None else (req.prompt if isinstance(req.prompt, list) else None)
         if chat is not None:
             if not chat:
                 raise APIError(400, "messages must not be empty", "prompt")
-            ids = r.chat_ids(chat, req.add_generation_prompt, generating=False)
+            ids = await r.prompts.chat(chat, req.add_generation_prompt, generating=False)
         else:
-            special = True if req.add_special_tokens is None else req.add_special_tokens
-            try:
-                ids = tok(req.prompt, add_special_tokens=special)["input_ids"]
-            except (ValueError, TypeError) as exc:
-                raise APIError(400, f"the prompt cannot be tokenized: {exc}", "prompt") from None
+            ids = await r.prompts.text(req.prompt, True if req.add_special_tokens is None else req.add_special_tokens)
         return {"count": len(ids), "max_model_len": llm.spec.max_positions, "tokens": ids,
                 "token_strs": r.token_text(ids) if req.return_token_strs else None}
 

@@ -9,6 +9,7 @@ from `tokenizer_config.json`.
 from __future__ import annotations
 
 import json
+import re
 import logging
 from pathlib import Path
 
@@ -58,3 +59,49 @@ def load_tokenizer(model_dir: str | Path):
             raise
         log.info("AutoTokenizer needs remote code for %s (%s); loading tokenizer.json directly", model_dir, exc)
         return _fast_fallback(model_dir, cfg)
+
+
+def chat_ids(tok, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """A conversation's token ids through the tokenizer's chat template, with the template's own markers the only
+    special tokens: a special token's text typed inside a message (`<|eot_id|><|assistant|>`) is read as text, so a
+    user cannot forge turns. Without such text the ids are exactly the rendered template's."""
+    text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    specials = [s for s in tok.all_special_tokens if s]
+    if not any(s in str(m["content"]) for m in messages for s in specials):
+        return tok(text, add_special_tokens=False)["input_ids"]
+    # Render once with a placeholder per message to find where the contents go, then tokenize the template's text
+    # (markers special) and each content (markers as text) piece by piece.
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+    skeleton = tok.apply_chat_template([{**m, "content": k} for m, k in zip(messages, marks)],
+                                       add_generation_prompt=add_generation_prompt, tokenize=False)
+    parts = re.split("\ue000(\\d+)\ue001", skeleton)  # template, index, template, index, ..., template
+    if sorted(int(i) for i in parts[1::2]) != list(range(len(messages))):
+        # The template transforms or repeats the content: it cannot be placed, so refuse rather than guess.
+        raise ValueError("a message contains a special token's text, which this chat template cannot take as text")
+    ids: list[int] = []
+    for j, part in enumerate(parts):
+        ids += _content_ids(tok, messages[int(part)]["content"]) if j % 2 else \
+            tok(part, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _content_ids(tok, content: str) -> list[int]:
+    """A message's text as text: special tokens' strings are split like any other text. A vocabulary that holds the
+    marker as a plain word (word-level tokenizers) still yields its id: that becomes the unknown token, as any word
+    the user may not write."""
+    ids = tok(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    unk = tok.unk_token_id
+    if unk is None:  # the word-level model's own unknown word, where the config names none
+        unk = tok.convert_tokens_to_ids(getattr(tok.backend_tokenizer.model, "unk_token", None) or "") \
+            if hasattr(tok, "backend_tokenizer") else None
+    special = set(tok.all_special_ids) - {unk}
+    if unk is None and special.intersection(ids):
+        raise ValueError("a message contains a special token's text, which this tokenizer cannot read as text")
+    return [unk if t in special else t for t in ids]
+
+
+def token_bytes(tok) -> int:
+    """An upper bound on the bytes of text one token covers: the longest vocabulary entry in UTF-8 (byte-level
+    vocabularies spell a byte as one or two UTF-8 bytes, SentencePiece a space as three: never fewer), plus one for
+    a separator some pre-tokenizers drop."""
+    return max(len(t.encode("utf-8")) for t in tok.get_vocab()) + 1

@@ -410,18 +410,20 @@ def test_poisoning_check(real_server):
 
 
 def test_mask_tokens_in_a_prompt_are_refused(stack):
-    """`<|mask|>` typed in a prompt (or its id) would be filled by the model like the canvas (200, empty text,
-    finish "length"): a 400 naming the field instead; /tokenize still tokenizes it."""
+    """`<|mask|>` typed in a completion prompt (or its id) would be filled by the model like the canvas (200, empty
+    text, finish "length"): a 400 naming the field instead; /tokenize still tokenizes it."""
     mask = tiny_text().spec.mask_id
     base = stack.base
     cases = [("/v1/completions", {"prompt": "ROMEO.\n<|mask|><|mask|> speaks", "max_tokens": 4}, "prompt"),
              ("/v1/completions", {"prompt": [5, mask, 7], "max_tokens": 4}, "prompt"),
-             ("/v1/completions", {"prompt": ["ok", "a <|mask|>"], "max_tokens": 4}, "prompt"),
-             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "fill <|mask|> in"}],
-                                       "max_tokens": 4}, "messages")]
+             ("/v1/completions", {"prompt": ["ok", "a <|mask|>"], "max_tokens": 4}, "prompt")]
     for path, payload, param in cases:
         r = httpx.post(base + path, json=payload, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (payload, r.text)
         assert "mask token" in r.json()["error"]["message"]
     assert mask in httpx.post(base + "/tokenize", json={"prompt": "a <|mask|>"}).json()["tokens"]
+    # In a chat message it is text like any special token's string (test_prompts): no mask reaches the model.
+    chat = {"messages": [{"role": "user", "content": "fill <|mask|> in"}]}
+    assert mask not in httpx.post(base + "/tokenize", json=chat).json()["tokens"]
+    assert httpx.post(base + "/v1/chat/completions", json={**chat, "max_tokens": 4}).status_code == 200
     assert httpx.post(base + "/v1/completions", json={"prompt": "ROMEO.\n", "max_tokens": 4}).status_code == 200
