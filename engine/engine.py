@@ -196,13 +196,10 @@ class Engine:
         plans = []
         for req in reqs:
             self._guard(req, lambda r=req: plans.append((r, r.plan())))
-        chosen = self.scheduler.batch([p.rows for _, p in plans])
-        if len(chosen) < len(plans):  # rows over budget: the ones left out go first next step
-            with self.lock:
-                taken = set(chosen)
-                skipped = {id(r) for i, (r, _) in enumerate(plans) if i not in taken}
-                self.scheduler.running.sort(key=lambda r: id(r) not in skipped)
-        plans = [plans[i] for i in chosen]
+        chosen = set(self.scheduler.batch([(p.rows, r.group, r.waited) for r, p in plans]))
+        for i, (req, _) in enumerate(plans):  # the ones left out go first next time
+            req.waited = 0 if i in chosen else req.waited + 1
+        plans = [plans[i] for i in sorted(chosen)]
         try:
             results, stats = self.runner.step([(r.kv, p) for r, p in plans])
             outcome = list(zip(plans, results))

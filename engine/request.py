@@ -81,10 +81,13 @@ class Request:
     gen: torch.Generator | None = None  # its random stream; None: a generator seeded with `seed`
     top_logprobs: int = 0  # alternatives to report per generated token
     min_tokens: int = 0  # no stop token (EOS, EoT) among the first this many generated tokens (ignore_eos: all)
+    group: str = ""  # the body it came in (its prompts x n choices share the engine as one; "": its own)
+    waited: int = 0  # engine steps in a row it ran without being computed (Scheduler.batch serves the longest first)
 
     def __post_init__(self):
         self.opts = self.method.make_options(self.opts)  # a ValueError names an option the method does not read
         self.detok = StreamDetokenizer(self.tokenizer, self.stops)
+        self.group = self.group or self.request_id
         if self.gen is None:
             self.gen = torch.Generator().manual_seed(self.seed)
 

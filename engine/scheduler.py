@@ -4,11 +4,17 @@ Admission is first come, first served: the head of the waiting queue is admitted
 `max_running` and the KV pool has pages for its whole canvas; a head that does not fit yet blocks the queue (no
 overtaking, so a long request is never starved by short ones). Beyond `max_running + max_waiting` requests held in
 all, `add` refuses with `QueueFull` (the server answers 429); while draining it refuses with `Draining` (503).
+
+Each step's rows are shared by fair share (`batch`): the budget `max_rows_per_step` is split equally between the
+bodies running (a body's n choices share one part), and a request whose plan fits its part is computed every step.
+Plans larger than their part (a whole canvas recomputed each step) take turns in what is left, longest-waiting
+first, one of them always. So no request and no body can hold back another's steps; it can only make the steps
+it shares longer, by at most its own rows.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from .model.kv_pool import KVPool
@@ -73,16 +79,24 @@ class Scheduler:
             req.kv = None
         req.state = None
 
-    def batch(self, rows: list[int]) -> list[int]:
-        """Which running requests (indices, in running order) this step computes, given each one's planned rows:
-        first fit within `max_rows_per_step` (a large plan does not hold back the smaller ones after it), and always
-        the first. The engine moves the ones left out to the front, so a left-out request goes first next step."""
-        total, chosen = 0, []
-        for i, r in enumerate(rows):
-            if not chosen or total + r <= self.limits.max_rows_per_step:
-                total += r
+    def batch(self, plans: list[tuple[int, str, int]]) -> list[int]:
+        """Which running requests (indices) this step computes, given each one's (planned rows, group, steps
+        waited). The row budget is shared: each group (a body's prompts x n choices) gets an equal share, split
+        evenly among its requests. (1) Every request whose plan fits its share is computed: a request within its
+        share never waits a step, whatever the others ask. (2) Of the rest, the one that has waited longest is
+        computed even past the budget (so none starves); (3) then others, longest-waiting first, while the budget
+        lasts. A step thus computes at most the budget plus one request's rows."""
+        budget = self.limits.max_rows_per_step
+        sizes = Counter(group for _, group, _ in plans)
+        share = {g: budget / len(sizes) / n for g, n in sizes.items()}
+        chosen = [i for i, (rows, group, _) in enumerate(plans) if rows <= share[group]]
+        total = sum(plans[i][0] for i in chosen)
+        over = sorted(set(range(len(plans))) - set(chosen), key=lambda i: (-plans[i][2], i))
+        for k, i in enumerate(over):
+            if k == 0 or total + plans[i][0] <= budget:
+                total += plans[i][0]
                 chosen.append(i)
-        return chosen
+        return sorted(chosen)
 
     @property
     def idle(self) -> bool:

@@ -27,7 +27,7 @@ log = logging.getLogger("diffuserve.server")
 WARM_ROWS = 2048  # the engine builds the matmul kernels of every padded row count up to this at start (~0.7 s)
 
 
-def build_engine(cfg, llm, metrics, threads: int | None = None):
+def build_engine(cfg, llm, metrics, threads: int | None = None, start: bool = True):
     from diffuserve.engine.engine import AsyncEngine, Engine
     from diffuserve.engine.model.kv_pool import KVPool
     from diffuserve.engine.runner import ModelRunner
@@ -39,7 +39,8 @@ def build_engine(cfg, llm, metrics, threads: int | None = None):
     # Row counts past WARM_ROWS are rare, and a kernel built then costs little beside that big a forward.
     engine = Engine(llm.model, Scheduler(limits, pool), ModelRunner(llm.model, pool), metrics,
                     threads=e.threads or threads, warm_rows=min(e.max_rows_per_step, WARM_ROWS))
-    engine.start()
+    if start:  # tests step it synchronously instead
+        engine.start()
     return engine, AsyncEngine(engine)
 
 

@@ -143,7 +143,8 @@ class Routes:
                     return EngineRequest(f"{rid}-{i}", ids, method, opts, (base_seed + i) % 2**63, sink,
                                          llm.tokenizer, llm.spec.stop_ids, llm.spec.mask_id, req.stops(),
                                          deadline=time.monotonic() + timeout, top_logprobs=top,
-                                         min_tokens=opts.gen_length if req.ignore_eos else req.min_tokens)
+                                         min_tokens=opts.gen_length if req.ignore_eos else req.min_tokens,
+                                         group=rid)
                 makers.append(make)
         try:
             return self.front.submit(makers)
