@@ -354,3 +354,53 @@ def test_a_stalled_engine_fails_health_and_the_watchdog_ends_the_server():
     life.to(Stage.READY)
     life.watch(stopped.set, grace_s=0.0, every_s=0.05, stall_s=2.0)
     assert stopped.wait(30) and life.stage is Stage.DEAD and "stalled" in life.error
+
+
+@pytest.mark.parametrize("method", ["llada", "window"])
+def test_sigterm_with_a_long_request_running(tmp_path, method):
+    """The longest requests a client can send (a 1,024-token canvas: vanilla `llada` one token per step over the
+    whole canvas, or `window` recomputing the whole canvas every step, n = 4), then SIGTERM: the drain limit (3 s)
+    ends them with 503 "aborted" answers, the process exits 0 within the limit plus a few seconds."""
+    port, drain = free_port(), 3
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"model:\n  path: tiny-task\nengine:\n  drain_timeout_s: {drain}\n")
+    proc, log = spawn("--config", str(cfg), "--port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    body = {"prompt": "<|startoftext|><|user|>count down from w6 x1 y1 z2<|assistant|>", "max_tokens": 1024}
+    body.update({"method": "llada", "n": 1} if method == "llada" else
+                {"n": 4, "active_tokens": 1, "window_tokens": 1, "refresh_cycle": 1, "refresh": "full",
+                 "threshold": 1.0, "eos_early_exit": False})
+    answers: list = []
+
+    def ask():
+        try:
+            r = httpx.post(base + "/v1/completions", json=body, timeout=300)
+            answers.append((r.status_code, r.json().get("error", {}).get("message")))
+        except httpx.HTTPError as exc:
+            answers.append((0, type(exc).__name__))
+
+    try:
+        wait_ready(proc, base, timeout=600)
+        client = threading.Thread(target=ask)
+        client.start()
+        deadline = time.monotonic() + 60
+        while running(base) < body["n"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running(base) == body["n"]
+        time.sleep(1.0)  # well inside the request (its steps run for minutes)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=drain + 60)
+        exit_s = time.monotonic() - t0
+        client.join(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log.seek(0)
+    text = log.read()
+    assert code == 0, text[-3000:]
+    assert answers == [(503, "the request was aborted")], answers
+    assert exit_s < drain + 10, exit_s
+    assert "Traceback" not in text and "terminate called" not in text, text[-3000:]
+    figure(f"sigterm_long_{method}", n=body["n"], canvas=1024, drain_limit_s=drain, exit_code=code,
+           exit_s=round(exit_s, 1), answer=answers[0][0])
