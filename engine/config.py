@@ -118,6 +118,9 @@ class EngineConfig:
     stall_timeout_s: float = setting(300.0, "requests waiting or running and no engine step finished within this: "
                                      "/health turns 503 and the watchdog ends the process (status 1)")
     threads: int | None = setting(None, "torch threads of the engine thread", "torch's, one per core")
+    batch_invariant: bool = setting(False, "bit-stable outputs: each request runs in a forward of its own, exactly as "
+                                    "when alone (batched forwards can change a temperature-0 token with the batch; "
+                                    "costs the batching speed-up)")
 
 
 @dataclass(frozen=True)

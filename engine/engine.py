@@ -45,11 +45,13 @@ def is_fatal(exc: BaseException) -> bool:
 
 class Engine:
     def __init__(self, model, scheduler: Scheduler, runner: ModelRunner, metrics=None, threads: int | None = None,
-                 warm_rows: int = 0):
+                 warm_rows: int = 0, batch_invariant: bool = False):
         """warm_rows: before the first step, build the matmul kernels of every padded row count up to this
-        (ModelRunner.warm_up), on the engine thread and its thread count, as the steps will run them."""
+        (ModelRunner.warm_up), on the engine thread and its thread count, as the steps will run them.
+        batch_invariant: run each request's plan in a forward of its own (its outputs then never depend on what
+        else runs: see EngineConfig.batch_invariant)."""
         self.model, self.scheduler, self.runner, self.metrics = model, scheduler, runner, metrics
-        self.threads, self.warm_rows = threads, warm_rows
+        self.threads, self.warm_rows, self.batch_invariant = threads, warm_rows, batch_invariant
         self.after_step: list = []  # called on the engine thread after each step (AsyncEngine's settle)
         self.lock = threading.Condition()
         self.steps = 0
@@ -200,11 +202,14 @@ class Engine:
         for i, (req, _) in enumerate(plans):  # the ones left out go first next time
             req.waited = 0 if i in chosen else req.waited + 1
         plans = [plans[i] for i in sorted(chosen)]
-        try:
-            results, stats = self.runner.step([(r.kv, p) for r, p in plans])
-            outcome = list(zip(plans, results))
-        except Exception:
+        if self.batch_invariant:
             outcome, stats = self._isolate(plans)
+        else:
+            try:
+                results, stats = self.runner.step([(r.kv, p) for r, p in plans])
+                outcome = list(zip(plans, results))
+            except Exception:
+                outcome, stats = self._isolate(plans)
         tally = [0, 0]  # tokens committed, refresh steps
         for (req, plan), result in outcome:
             self._guard(req, lambda r=req, p=plan, res=result: self._commit(r, p, res, tally))
@@ -212,7 +217,8 @@ class Engine:
             self.metrics.on_step(stats, *tally)
 
     def _isolate(self, plans) -> tuple[list, StepStats]:
-        """The batched forward raised: run each request alone; a request that fails alone fails, only it."""
+        """Each request in a forward of its own (the batched forward raised, or batch_invariant); a request that
+        fails alone fails, only it."""
         outcome, total = [], StepStats()
         for req, plan in plans:
             try:

@@ -38,7 +38,8 @@ def build_engine(cfg, llm, metrics, threads: int | None = None, start: bool = Tr
     limits = Limits(max_running=e.max_running, max_waiting=e.max_waiting, max_rows_per_step=e.max_rows_per_step)
     # Row counts past WARM_ROWS are rare, and a kernel built then costs little beside that big a forward.
     engine = Engine(llm.model, Scheduler(limits, pool), ModelRunner(llm.model, pool), metrics,
-                    threads=e.threads or threads, warm_rows=min(e.max_rows_per_step, WARM_ROWS))
+                    threads=e.threads or threads, warm_rows=min(e.max_rows_per_step, WARM_ROWS),
+                    batch_invariant=e.batch_invariant)
     if start:  # tests step it synchronously instead
         engine.start()
     return engine, AsyncEngine(engine)
