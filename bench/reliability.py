@@ -31,7 +31,7 @@ ROWS = [
     ("backpressure", "7", "overload → only 429/503, 0 lost"),
     ("deadlines", "8", "deadline, slow-loris and slow body ended in time"),
     ("disconnect", "9", "200 disconnects → 0 leaked"),
-    ("sigterm_drain_60s", "11", "SIGTERM → every in-flight request finished"),
+    ("sigterm_drain_300s", "11", "SIGTERM → every in-flight request finished"),
     ("sigterm_drain_0s", "11", "SIGTERM, drain 0 → in-flight aborted, exit 0"),
     ("health_states", "12", "loading, warming, ready, draining, dead"),
     ("fault_injection", "13", "an injected runner fault → only that request fails"),
@@ -40,6 +40,17 @@ ROWS = [
     ("metrics_vs_ledger", "18", "metrics equal the ledger"),
     ("cve_regressions", "19", "known attacks → 4xx within 1 s"),
     ("secure_defaults", "20", "loopback bind, no unsafe deserialisers"),
+    # issue 33: no request, however shaped, can starve, crash or fool the server
+    ("hostile_shapes", "33", "hostile bodies beside streams → no stream waits a step"),
+    ("cost_bound_llada", "33", "most hostile knobs → ≤ 2 forwards per token (LLaDA family)"),
+    ("cost_bound_dream", "33", "most hostile knobs → ≤ 2 forwards per token (Dream family)"),
+    ("prompt_bounds", "33", "huge prompts refused unread; no tokenizing on the event loop"),
+    ("chat_markers", "33", "special-token text typed in chat → text"),
+    ("sigterm_long_llada", "33", "SIGTERM with a 1,024-step llada request → 503, exit 0 in time"),
+    ("sigterm_long_window", "33", "SIGTERM with n=4 whole-canvas window requests → 503, exit 0 in time"),
+    ("early_disconnect", "33", "clients gone before the first output → aborted, no error logged"),
+    ("engine_stall", "33", "no step for stall_timeout_s → /health 503, watchdog exits"),
+    ("batch_invariance", "33", "--batch-invariant → batched tokens equal alone, default dtype"),
 ]
 
 

@@ -58,7 +58,7 @@ class Prompts:
 
     async def text(self, text: str, special: bool = False) -> list[int]:
         """A plain prompt's ids; `special`: with the tokenizer's BOS/EOS added (/tokenize's add_special_tokens)."""
-        tok = self.tokenizer()
+        tok = self.tokenizer("prompt")
         self.check_bytes([text], "prompt")
         try:
             return await asyncio.to_thread(lambda: tok(text, add_special_tokens=special)["input_ids"])
@@ -86,7 +86,7 @@ class Prompts:
             raise APIError(400, f"the {param} contains the mask token (id {self.llm.spec.mask_id}); diffusion "
                                 "infilling of a prompt is not offered", param)
 
-    def tokenizer(self):
+    def tokenizer(self, param: str | None = None):
         if self.llm.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer files: it takes and returns token ids only")
+            raise APIError(400, "this model has no tokenizer files: it takes and returns token ids only", param)
         return self.llm.tokenizer

@@ -17,6 +17,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 from pathlib import Path
 
@@ -76,6 +77,35 @@ def tmp_model_dir(tmp_path):
     return tmp_path
 
 
+# Only a start that hangs: the server says itself whether it is still starting (/health 200 "loading" or
+# "warming"), and a warm-up on 2 cores kept busy by other work took 240 s where it takes 20 s idle.
+START_TIMEOUT_S = 1800
+
+
+def wait_until_ready(proc, base: str, on_state=None) -> float:
+    """Poll /ready until 200 while the process lives (its exit fails at once); -> seconds waited. `on_state` gets
+    each (health, ready) status pair as polled (0: no answer yet)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < START_TIMEOUT_S:
+        state = []
+        for path in ("/health", "/ready"):
+            try:
+                with urllib.request.urlopen(base + path, timeout=5) as r:
+                    state.append(r.status)
+            except urllib.error.HTTPError as exc:
+                state.append(exc.code)
+            except OSError:
+                state.append(0)
+        if on_state is not None:
+            on_state(tuple(state))
+        if state[1] == 200:
+            return time.monotonic() - t0
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with status {proc.returncode} while starting")
+        time.sleep(0.1)
+    raise AssertionError(f"server not ready after {START_TIMEOUT_S} s")
+
+
 @contextlib.contextmanager
 def running_server(*serve_args: str, env: dict | None = None):
     """`diffuserve serve ARGS` as a real process on a free loopback port; yields its base URL once /ready
@@ -95,17 +125,11 @@ def server_process(*serve_args: str, env: dict | None = None):
                             cwd=FIXTURES.parents[1], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(base + "/ready", timeout=1)  # raises until 200 (503 while loading)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    break
-                time.sleep(0.5)
-        else:
+        try:
+            wait_until_ready(proc, base)
+        except AssertionError as exc:
             log.seek(0)
-            raise RuntimeError(f"server did not start:\n{log.read()}")
+            raise RuntimeError(f"server did not start ({exc}):\n{log.read()}") from None
         yield proc, base
     finally:
         if proc.poll() is None:
