@@ -56,7 +56,7 @@ def test_a_runner_fault_fails_only_its_request(faulty):
     for i in range(3):
         ok = results[f"ok{i}"]
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"].startswith(" the king is dead")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 120
     while pool.pages_in_use and time.monotonic() < deadline:
         time.sleep(0.05)
     assert pool.pages_in_use == 0
