@@ -42,6 +42,7 @@ ROWS = [
     ("secure_defaults", "20", "loopback bind, no unsafe deserialisers"),
     # issue 33: no request, however shaped, can starve, crash or fool the server
     ("hostile_shapes", "33", "hostile bodies beside streams → no stream waits a step"),
+    ("body_slots", "33", "a body of n = all slots → holds half; a later request runs next step"),
     ("cost_bound_llada", "33", "most hostile knobs → ≤ 2 forwards per token (LLaDA family)"),
     ("cost_bound_dream", "33", "most hostile knobs → ≤ 2 forwards per token (Dream family)"),
     ("prompt_bounds", "33", "huge prompts refused unread; no tokenizing on the event loop"),

@@ -112,6 +112,8 @@ class EngineConfig:
     max_running: int = setting(64, "requests stepped together")
     max_waiting: int = setting(256, "requests queued beyond the running set; more get 429")
     max_rows_per_step: int = setting(8192, "query rows one batched forward may compute")
+    max_running_per_body: int | None = setting(None, "running slots one body's prompts x n choices may hold; its "
+                                               "others wait for them", "half of max_running")
     kv_cache_mb: int = setting(1024, "the shared KV pool's budget, MiB")
     request_timeout_s: float = setting(600.0, "a request still running after this is ended (504)")
     drain_timeout_s: float = setting(30.0, "on SIGTERM, how long in-flight requests get to finish")
@@ -153,6 +155,8 @@ class Config:
         e = self.engine
         if min(e.max_running, e.max_rows_per_step, e.kv_cache_mb) < 1 or e.max_waiting < 0:
             errors.append("engine limits must be positive (max_waiting may be 0)")
+        if e.max_running_per_body is not None and not 1 <= e.max_running_per_body <= e.max_running:
+            errors.append("engine.max_running_per_body must be between 1 and max_running")
         if e.request_timeout_s <= 0 or e.drain_timeout_s < 0 or e.stall_timeout_s <= 0:
             errors.append("engine.request_timeout_s and stall_timeout_s must be positive, drain_timeout_s not "
                           "negative")

@@ -2,7 +2,9 @@
 
 Admission is first come, first served: the head of the waiting queue is admitted while the running set is under
 `max_running` and the KV pool has pages for its whole canvas; a head that does not fit yet blocks the queue (no
-overtaking, so a long request is never starved by short ones). Beyond `max_running + max_waiting` requests held in
+overtaking, so a long request is never starved by short ones). One exception: a body (one HTTP request's prompts x
+n choices, `Request.group`) holds at most `body_slots` running slots (half of them by default); its other requests
+wait for its own to finish while later bodies are admitted past them, so that one body cannot take every slot. Beyond `max_running + max_waiting` requests held in
 all, `add` refuses with `QueueFull` (the server answers 429); while draining it refuses with `Draining` (503).
 
 Each step's rows are shared by fair share (`batch`): the budget `max_rows_per_step` is split equally between the
@@ -34,6 +36,11 @@ class Limits:
     max_running: int = 64
     max_waiting: int = 256
     max_rows_per_step: int = 8192  # query rows one batched forward may compute
+    max_running_per_body: int | None = None  # running slots one body's requests may hold (None: max_running // 2)
+
+    @property
+    def body_slots(self) -> int:
+        return self.max_running_per_body or max(1, self.max_running // 2)
 
 
 class Scheduler:
@@ -56,16 +63,22 @@ class Scheduler:
         self.waiting.append(req)
 
     def admit(self) -> list[Request]:
-        """Move requests from the head of the waiting queue into the running set while they fit."""
-        admitted = []
-        while self.waiting and len(self.running) < self.limits.max_running:
-            head = self.waiting[0]
-            if not self.pool.can_allocate(head.capacity):
+        """Move requests from the waiting queue into the running set, in order, while they fit. A request whose body
+        already holds its share of running slots (`body_slots`) stays queued and the ones behind it may pass: it
+        waits for its own body's requests, not for anyone else's."""
+        admitted, held = [], Counter(r.group for r in self.running)
+        for req in list(self.waiting):
+            if len(self.running) >= self.limits.max_running:
                 break
-            self.waiting.popleft()
-            head.kv = self.pool.allocate(head.capacity)
-            self.running.append(head)
-            admitted.append(head)
+            if held[req.group] >= self.limits.body_slots:
+                continue
+            if not self.pool.can_allocate(req.capacity):
+                break  # memory: no overtaking, so a long request is never starved by short ones
+            self.waiting.remove(req)
+            req.kv = self.pool.allocate(req.capacity)
+            self.running.append(req)
+            admitted.append(req)
+            held[req.group] += 1
         return admitted
 
     def retire(self, req: Request) -> None:

@@ -35,7 +35,8 @@ def build_engine(cfg, llm, metrics, threads: int | None = None, start: bool = Tr
 
     e = cfg.engine
     pool = KVPool.for_model(llm.model, e.kv_cache_mb << 20)
-    limits = Limits(max_running=e.max_running, max_waiting=e.max_waiting, max_rows_per_step=e.max_rows_per_step)
+    limits = Limits(max_running=e.max_running, max_waiting=e.max_waiting, max_rows_per_step=e.max_rows_per_step,
+                    max_running_per_body=e.max_running_per_body)
     # Row counts past WARM_ROWS are rare, and a kernel built then costs little beside that big a forward.
     engine = Engine(llm.model, Scheduler(limits, pool), ModelRunner(llm.model, pool), metrics,
                     threads=e.threads or threads, warm_rows=min(e.max_rows_per_step, WARM_ROWS),

@@ -85,7 +85,8 @@ def fake_server(delay: float = 0.005, fault_token: int | None = None, fault_afte
     cfg = build_config(None, model__path="tiny-text", server__port=free_port(), **overrides)
     e = cfg.engine
     pool = KVPool(1, 1, 1, 4096, 16, llm.model.dtype)
-    limits = Limits(max_running=e.max_running, max_waiting=e.max_waiting, max_rows_per_step=e.max_rows_per_step)
+    limits = Limits(max_running=e.max_running, max_waiting=e.max_waiting, max_rows_per_step=e.max_rows_per_step,
+                    max_running_per_body=e.max_running_per_body)
     metrics = Metrics("tiny-text")
     engine = Engine(FakeModel(llm.spec), Scheduler(limits, pool), runner, metrics)
     engine.start()

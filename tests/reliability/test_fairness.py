@@ -132,3 +132,31 @@ def test_no_knob_setting_costs_more_than_two_forwards_per_token(family):
         worst[name] = out.forward_calls
     figure(f"cost_bound_{family}", gen_length=gen, **{f"forwards_{k}": v for k, v in worst.items()})
     assert worst and max(worst.values()) <= 2 * gen, worst
+
+
+def test_one_body_cannot_take_every_running_slot(engine):
+    """A body of n = running slots would hold them all until its last choice finished (a second client got nothing
+    for 60 s): a body holds at most half, and a request sent after it is admitted into the rest at the next step."""
+    llm, slots = engine.llm, engine.scheduler.limits.max_running
+    body = [make(llm, f"n-{k}", "window", "body", gen_length=256, eos_early_exit=False) for k in range(slots)]
+    single = make(llm, "single", "window", "single", gen_length=16)
+    try:
+        for req in body:
+            engine.submit(req)
+        engine.step()
+        engine.submit(single)
+        engine.step()
+        held = sum(r.phase is RequestStatus.RUNNING for r in body)
+        figure("body_slots", running_slots=slots, n=len(body), body_running=held,
+               later_request_admitted=int(single.phase is not RequestStatus.WAITING))
+        assert held == slots // 2 and single.phase is not RequestStatus.WAITING
+        while single.phase is RequestStatus.RUNNING:
+            engine.step()
+        assert single.phase is RequestStatus.FINISHED
+        # the body's waiting choices are admitted as its own finish (or are aborted below)
+        assert sum(r.phase is RequestStatus.WAITING for r in body) == slots - slots // 2
+    finally:
+        for req in body + [single]:
+            engine.abort(req)
+        engine.step()
+        assert engine.scheduler.idle
