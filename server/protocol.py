@@ -37,6 +37,18 @@ UNHONOURED = {
     "guided_grammar": lambda v: v is None,
     "guided_choice": lambda v: v is None,
     "prompt_embeds": lambda v: v is None,
+    # vLLM's sampling extensions that no method here reads: a client sending them expects a different answer.
+    "min_p": lambda v: v in (None, 0, 0.0),
+    "repetition_penalty": lambda v: v in (None, 1, 1.0),
+    "length_penalty": lambda v: v in (None, 1, 1.0),
+    "use_beam_search": lambda v: v in (None, False),
+    "stop_token_ids": lambda v: not v,
+    "bad_words": lambda v: not v,
+    "allowed_token_ids": lambda v: v is None,
+    "include_stop_str_in_output": lambda v: v in (None, False),
+    "skip_special_tokens": lambda v: v in (None, True),
+    "truncate_prompt_tokens": lambda v: v is None,
+    "prompt_logprobs": lambda v: v is None,
 }
 
 
@@ -64,6 +76,17 @@ HONOURED_SCHEMA = {
     "guided_grammar": _NULL,
     "guided_choice": _NULL,
     "prompt_embeds": _NULL,
+    "min_p": {"anyOf": [_NULL, {"const": 0}]},
+    "repetition_penalty": {"anyOf": [_NULL, {"const": 1}]},
+    "length_penalty": {"anyOf": [_NULL, {"const": 1}]},
+    "use_beam_search": {"anyOf": [_NULL, {"const": False}]},
+    "stop_token_ids": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
+    "bad_words": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
+    "allowed_token_ids": _NULL,
+    "include_stop_str_in_output": {"anyOf": [_NULL, {"const": False}]},
+    "skip_special_tokens": {"anyOf": [_NULL, {"const": True}]},
+    "truncate_prompt_tokens": _NULL,
+    "prompt_logprobs": _NULL,
 }
 assert set(HONOURED_SCHEMA) == set(UNHONOURED)
 
@@ -88,7 +111,7 @@ class DiffusionFields(BaseModel):
     window_tokens: int | None = Field(default=None, ge=1)
     active_tokens: int | None = Field(default=None, ge=1)
     refresh_cycle: int | None = Field(default=None, ge=1)
-    refresh: Literal["full", "window"] | None = None
+    refresh: Literal["full", "window", "buffer"] | None = None
     eos_early_exit: bool | None = None
     early_stop: bool | None = None
 
@@ -120,6 +143,8 @@ class SamplingFields(DiffusionFields):
         "masks to unmask by the model's confidence and LLaDA's and Dream's published results decode greedily; "
         "sampling at 1.0 lowers the quality of a diffusion LM's output more than of an autoregressive model's.")
     top_p: float | None = Field(default=None, gt=0, le=1)
+    # vLLM's: -1 or 0 is off (accepted by every method); other values only by the methods that sample top-k (Dream's)
+    top_k: int | None = Field(default=None, ge=-1)
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)  # lt: the document writes the bound as a float, 2**63

@@ -31,9 +31,9 @@ from .sse import Choice, Job, error_of, events
 
 # Body fields that are decoding options; each goes to the method's own options, and one the method does not
 # declare is a 400 naming it. OpenAI's own sampling fields at their no-op value are accepted by every method.
-OPTION_FIELDS = ("temperature", "top_p", "steps", "block_length", "threshold", "remasking", "alg", "window_tokens",
-                 "active_tokens", "refresh_cycle", "refresh", "eos_early_exit", "early_stop")
-NO_OP = {"top_p": 1.0}
+OPTION_FIELDS = ("temperature", "top_p", "top_k", "steps", "block_length", "threshold", "remasking", "alg",
+                 "window_tokens", "active_tokens", "refresh_cycle", "refresh", "eos_early_exit", "early_stop")
+NO_OP = {"top_p": (1.0,), "top_k": (-1, 0)}  # OpenAI's and vLLM's "off": dropped, whatever the method
 
 
 class Routes:
@@ -72,7 +72,7 @@ class Routes:
         self.check_context(longest_prompt, gen)
         declared = method.options.field_names()
         changes = {k: getattr(req, k) for k in OPTION_FIELDS
-                   if getattr(req, k) is not None and (k in declared or NO_OP.get(k) != getattr(req, k))}
+                   if getattr(req, k) is not None and getattr(req, k) not in NO_OP.get(k, ())}
         for k in sorted(changes.keys() - declared):
             raise APIError(400, f"method {method.name!r} has no option {k!r}; its options: "
                                 f"{', '.join(sorted(declared & set(OPTION_FIELDS)))}", k)

@@ -78,6 +78,12 @@ def test_dream_default_method_streams_batched_and_equals_the_plain_body(dream_ti
         steps, single = _requests_per_step(client.get("/metrics").text)
         with ThreadPoolExecutor(N) as pool:
             plain = list(pool.map(lambda b: client.post("/v1/completions", json=b).json(), bodies))
+        # top_k / top_p reach the Dream sampler that reads them; a method that does not is a 400 naming the field
+        sampled = {**bodies[0], "method": "dream", "temperature": 1.0, "top_k": 5, "top_p": 0.9}
+        assert client.post("/v1/completions", json=sampled).status_code == 200
+        assert client.post("/v1/completions", json={**bodies[0], "top_k": -1}).status_code == 200  # vLLM's "off"
+        window = client.post("/v1/completions", json={**bodies[0], "method": "window", "top_k": 5})
+        assert window.status_code == 400 and window.json()["error"]["param"] == "top_k"
     assert steps > 0 and steps - single > 0, (steps, single)  # steps that computed more than one request
     for s, p in zip(streamed, plain):
         assert p["choices"][0]["text"] == s

@@ -69,6 +69,17 @@ CASES = [
     ("max_tokens 5000 digits", "POST", C, raw('{"prompt": "x", "max_tokens": ' + "9" * 5000 + "}"), J, 400, None),
     ("seed 5000 digits", "POST", C, raw('{"prompt": "x", "seed": ' + "7" * 5000 + "}"), J, 400, None),
     ("token id 5000 digits", "POST", C, raw('{"prompt": [5, ' + "3" * 5000 + "]}"), J, 400, None),
+    # --- sampling fields no LLaDA-family method reads (issue 33: top_p was silently ignored) -----------------
+    ("top_p below 1 with window", "POST", C, body(OK, top_p=0.0001, temperature=1.0), J, 400, "top_p"),
+    ("top_k 50 with window", "POST", C, body(OK, top_k=50), J, 400, "top_k"),
+    ("top_k with llada", "POST", C, body(OK, top_k=5, method="llada"), J, 400, "top_k"),
+    ("min_p", "POST", C, body(OK, min_p=0.1), J, 400, "min_p"),
+    ("repetition_penalty", "POST", C, body(OK, repetition_penalty=1.3), J, 400, "repetition_penalty"),
+    ("use_beam_search", "POST", C, body(OK, use_beam_search=True), J, 400, "use_beam_search"),
+    ("stop_token_ids", "POST", C, body(OK, stop_token_ids=[5]), J, 400, "stop_token_ids"),
+    ("include_stop_str_in_output", "POST", C, body(OK, include_stop_str_in_output=True), J, 400,
+     "include_stop_str_in_output"),
+    ("chat top_k", "POST", CHAT, body(MSG, top_k=3), J, 400, "top_k"),
     ("n 0", "POST", C, body(OK, n=0), J, 400, "n"),
     ("n over the cap", "POST", C, body(OK, n=17), J, 400, "n"),
     ("n a million", "POST", C, body(OK, n=10**6), J, 400, "n"),
@@ -407,6 +418,14 @@ def test_poisoning_check(real_server):
     assert not not_refused, not_refused
     assert good_statuses == [200] * 9, good_statuses
     assert before == after, (before, after)
+
+
+def test_sampling_fields_at_their_off_value_are_accepted(stack):
+    """What OpenAI and vLLM clients send when they mean "off" is accepted by every method."""
+    for off in ({"top_p": 1}, {"top_k": -1}, {"top_k": 0}, {"min_p": 0}, {"repetition_penalty": 1.0},
+                {"use_beam_search": False}, {"stop_token_ids": []}, {"skip_special_tokens": True}):
+        r = httpx.post(stack.base + C, json=body(OK, **off), timeout=60)
+        assert r.status_code == 200, (off, r.text)
 
 
 def test_mask_tokens_in_a_prompt_are_refused(stack):
