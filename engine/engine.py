@@ -234,8 +234,10 @@ class Engine:
         return outcome, total
 
     def _commit(self, req: Request, plan, result, tally: list[int]) -> None:
-        state = req.state
+        state, view = req.state, req.canvas_view
         masks = state.undecoded()
+        if view is not None:
+            view.snapshot(state)
         state.commit(plan, result)
         req.forward_calls = state.forward_calls
         tally[0] += masks - state.undecoded()
@@ -243,7 +245,8 @@ class Engine:
         # emit marks the request FINISHED once its output is complete
         lp = None if state.logprobs is None else state.logprobs[state.prompt_len:]
         top = (state.top_ids[state.prompt_len:], state.top_lps[state.prompt_len:]) if state.top_k else None
-        req.emit(req.canvas(), final=state.done, logprobs=lp, top=top)
+        req.emit(req.canvas(), final=state.done, logprobs=lp, top=top,
+                 event=None if view is None else view.event(state, plan, result))
 
     def _guard(self, req: Request, fn) -> None:
         if req.phase is not RequestStatus.RUNNING:

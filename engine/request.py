@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .decoding import DecodeOptions, Method
+from .canvas import CanvasView
 from .decoding.step import DecodeState
 from .detokenizer import StreamDetokenizer, cut_at_stop, finish
 from .model.kv_pool import KVHandle
@@ -38,6 +39,7 @@ class RequestOutput:
     logprobs: list[float]  # their log-probabilities (where the method records them)
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token: (id, logprob) alternatives
     prompt_logprobs: list[float | None] | None = None  # prompt scoring (decoding.score): with the last output
+    canvas: list[dict] = field(default_factory=list)  # the live view's step events since the previous output
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" (finished), "abort" | "timeout" | "error"
     error: str | None = None
@@ -83,11 +85,13 @@ class Request:
     min_tokens: int = 0  # no stop token (EOS, EoT) among the first this many generated tokens (ignore_eos: all)
     group: str = ""  # the body it came in (its prompts x n choices share the engine as one; "": its own)
     waited: int = 0  # engine steps in a row it ran without being computed (Scheduler.batch serves the longest first)
+    canvas_view: CanvasView | None = None  # the live denoising view: one event per step (engine.canvas)
 
     def __post_init__(self):
         self.opts = self.method.make_options(self.opts)  # a ValueError names an option the method does not read
         self.detok = StreamDetokenizer(self.tokenizer, self.stops)
         self.group = self.group or self.request_id
+        self.events: list[dict] = []  # canvas events not yet sent
         if self.gen is None:
             self.gen = torch.Generator().manual_seed(self.seed)
 
@@ -120,11 +124,13 @@ class Request:
         return self.state.canvas().tolist()
 
     def emit(self, canvas: list[int], final: bool, logprobs: torch.Tensor | None = None,
-             top: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
-        """Send what the canvas has settled since the last call; True if the output is complete (a stop token or
-        string was reached, or `final`)."""
+             top: tuple[torch.Tensor, torch.Tensor] | None = None, event: dict | None = None) -> bool:
+        """Send what the canvas has settled since the last call (and the step's canvas event, if the view is on);
+        True if the output is complete (a stop token or string was reached, or `final`)."""
+        if event is not None:
+            self.events.append(event)
         settled, stopped = cut_at_stop(canvas, self.stop_ids, self.mask_id)
-        if len(settled) == self.settled and not (final or stopped):
+        if len(settled) == self.settled and not (final or stopped or self.events):
             return False  # this step committed only beyond the settled prefix: nothing new to decode or send
         self.settled = len(settled)
         text = self.detok.update(settled, final=final or stopped)
@@ -134,13 +140,15 @@ class Request:
         # string), and at the end exactly the completion's tokens.
         upto = len(done.token_ids) if complete else (self.emitted if self.detok.holding else len(settled))
         new = settled[self.emitted:upto]
-        if not new and not text and not complete:
+        if not new and not text and not complete and not self.events:
             return False
         lp = [] if logprobs is None else logprobs[self.emitted:upto].tolist()
         alts = [] if top is None else [list(zip(i, v)) for i, v in zip(top[0][self.emitted:upto].tolist(),
                                                                       top[1][self.emitted:upto].tolist())]
         self.emitted = max(self.emitted, upto)
-        out = RequestOutput(self.request_id, text, new, lp, alts, prompt_tokens=len(self.prompt_ids))
+        out = RequestOutput(self.request_id, text, new, lp, alts, prompt_tokens=len(self.prompt_ids),
+                            canvas=self.events)
+        self.events = []
         if complete:
             out.finished, out.finish_reason = True, done.finish_reason
             out.prompt_logprobs = self.state.prompt_logprobs

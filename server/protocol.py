@@ -129,6 +129,9 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
+    # diffuserve's live denoising view (not an OpenAI field): each chunk's choice carries "canvas", the events of the
+    # steps since the previous chunk (engine/canvas.py); "full" adds the whole canvas to every event.
+    include_canvas: bool | Literal["full"] = False
 
 
 class SamplingFields(DiffusionFields):

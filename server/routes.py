@@ -15,6 +15,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from diffuserve.engine.canvas import CanvasView
 from diffuserve.engine.config import Config
 from diffuserve.engine.decoding import METHODS, DecodeOptions
 from diffuserve.engine.decoding.score import SCORE, ScoreOptions
@@ -129,6 +130,9 @@ class Routes:
     # -- running a job ---------------------------------------------------------------------------------------------
     def submit(self, req, prompts: list[list[int]], opts: DecodeOptions, method, rid: str, top: int = 0):
         llm, timeout = self.llm, self.cfg.engine.request_timeout_s
+        view = req.stream_options.include_canvas if req.stream_options else False
+        if view and not req.stream:
+            raise APIError(400, "stream_options.include_canvas needs stream: true", "stream_options")
         e = self.cfg.engine
         if len(prompts) * req.n > e.max_running + e.max_waiting:  # could never be held at once: retrying is futile
             raise APIError(400, f"prompts x n = {len(prompts) * req.n} choices; this server holds at most "
@@ -144,7 +148,7 @@ class Routes:
                                          llm.tokenizer, llm.spec.stop_ids, llm.spec.mask_id, req.stops(),
                                          deadline=time.monotonic() + timeout, top_logprobs=top,
                                          min_tokens=opts.gen_length if req.ignore_eos else req.min_tokens,
-                                         group=rid)
+                                         group=rid, canvas_view=CanvasView(view == "full") if view else None)
                 makers.append(make)
         try:
             return self.front.submit(makers)

@@ -64,7 +64,7 @@ class Job:
             c.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             c.finish_reason, c.completion_tokens = out.finish_reason, out.completion_tokens
-        if not out.text and not out.finished:
+        if not out.text and not out.finished and not out.canvas:
             return None
         lp = None
         if self.want_logprobs:
@@ -72,8 +72,12 @@ class Job:
                   else completion_logprobs(toks, out.logprobs, offset, tops))
         if self.chat:
             delta = {"content": out.text} if out.text else {}
-            return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
-        return {"index": c.index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+            piece = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
+        else:
+            piece = {"index": c.index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+        if out.canvas:
+            piece["canvas"] = out.canvas
+        return piece
 
     def usage(self) -> dict:
         return usage(self.prompt_tokens, sum(c.completion_tokens for c in self.choices))

@@ -166,6 +166,11 @@ class DecodeState:
         """Masks left on the canvas (the engine's committed-token count is the drop in this)."""
         return int((self.x == self.spec.mask_id).sum())
 
+    def partition(self) -> dict[str, np.ndarray] | None:
+        """Methods that split the undecoded positions (window): name -> masked absolute positions (ascending) the
+        next step treats that way (active, buffer, far). None: no partition (the live canvas view shows none)."""
+        return None
+
     def canvas(self) -> torch.Tensor:
         """Row 0's generated part as it stands (an early exit may have shortened it)."""
         return self.x[0, self.prompt_len:]

@@ -162,6 +162,18 @@ class WindowDecoder(DecodeState):
         active[self.fresh] = True
         return np.flatnonzero(active)
 
+    def partition(self) -> dict[str, np.ndarray]:
+        """The masks as the next step sees them: active (computed), buffer (in the window: K/V cached, attended)
+        and far (beyond the window: neither computed nor attended)."""
+        masks = self.masks()
+        window = self._window_now() if self.phase is WindowPhase.REFRESH else self.window
+        in_window = np.zeros(len(self.xn), dtype=bool)
+        in_window[window] = True
+        active = np.zeros(len(self.xn), dtype=bool)
+        active[self._within_span(masks[in_window[masks]][: self.A])] = True
+        return {"active": masks[active[masks]], "buffer": masks[in_window[masks] & ~active[masks]],
+                "far": masks[~in_window[masks]]}
+
     # -- one step ----------------------------------------------------------------------------------------------
     def plan(self) -> StepPlan:
         n = len(self.xn)
