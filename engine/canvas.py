@@ -92,8 +92,8 @@ def replay(gen_length: int, mask_id: int, events: list[dict]) -> list[int]:
     """The canvas the events describe, from an all-mask canvas of gen_length positions."""
     canvas = [mask_id] * gen_length
     for ev in events:
-        for p, t, _ in ev["committed"]:
-            canvas[p] = t
+        for c in ev["committed"]:  # [position, token, probability] (the server adds the token's text)
+            canvas[c[0]] = c[1]
         for p in ev.get("remasked", []):
             canvas[p] = mask_id
         canvas = canvas[: ev["length"]]

@@ -18,12 +18,14 @@ fi
 "${PIP[@]}" install -e ".[test]"
 # --test: also what the tests run beside the server, from Debian's packages: haproxy (the load-balancer test runs it
 # in front of two replicas), docker.io and debootstrap (the image test builds a base and the image, and starts a
-# daemon if none runs). Best effort: without root or apt those tests are skipped, and say so.
+# daemon if none runs), chromium (the playground test drives it through Playwright). Best effort: without root or
+# apt those tests are skipped, and say so.
 if [ "${1:-}" = "--test" ]; then
   missing=()
   command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
   command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
   command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 &&

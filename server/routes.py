@@ -24,7 +24,7 @@ from diffuserve.engine.llm import LLM
 from diffuserve.engine.request import Request as EngineRequest
 from diffuserve.engine.scheduler import Draining, QueueFull
 
-from . import openapi
+from . import openapi, playground
 from .errors import APIError, install
 from .prompts import Prompts
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, model_card, new_id
@@ -229,6 +229,7 @@ def create_app(cfg: Config, llm: LLM, front: AsyncEngine, metrics, ready) -> Fas
     install(app, cfg)
     _probes(app, r)
     _tokenizer_routes(app, r)
+    playground.install(app, r, OPTION_FIELDS)
 
     @app.post("/v1/completions", responses=openapi.COMPLETIONS)
     async def completions(req: CompletionRequest, http: Request):

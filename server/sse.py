@@ -75,8 +75,9 @@ class Job:
             piece = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
         else:
             piece = {"index": c.index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
-        if out.canvas:
-            piece["canvas"] = out.canvas
+        if out.canvas:  # each committed [position, token, probability] gets the token's text, for the page
+            piece["canvas"] = [{**ev, "committed": [[*c, t] for c, t in zip(
+                ev["committed"], self.token_text([c[1] for c in ev["committed"]]))]} for ev in out.canvas]
         return piece
 
     def usage(self) -> dict:

@@ -21,7 +21,7 @@ PROTECTED = [("GET", "/v1/models", None), ("GET", "/v1/models/tiny-text", None),
              ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
              ("POST", "/tokenize", {"prompt": "hi"}), ("POST", "/detokenize", {"tokens": [1, 2]}),
              ("GET", "/tokenizer_info", None)]
-PUBLIC = ["/health", "/ready", "/metrics", "/openapi.json", "/docs"]
+PUBLIC = ["/health", "/ready", "/metrics", "/openapi.json", "/docs", "/playground"]
 
 
 @pytest.fixture(scope="module")

@@ -205,6 +205,7 @@ def test_secure_defaults():
         wait_ready(proc, f"http://127.0.0.1:{port}")
         assert httpx.get(f"http://127.0.0.1:{port}/docs").status_code == 404
         assert httpx.get(f"http://127.0.0.1:{port}/openapi.json").status_code == 404
+        assert httpx.get(f"http://127.0.0.1:{port}/playground").status_code == 404  # off with the docs
         listening = [ln.split() for ln in Path("/proc/net/tcp").read_text().splitlines()[1:]]
         ours = [f[1] for f in listening if f[3] == "0A" and int(f[1].split(":")[1], 16) == port]
         assert ours == ["0100007F:%04X" % port], ours  # bound to 127.0.0.1 only
