@@ -35,24 +35,19 @@ class CanvasView:
         settled = changed[after[changed] != mask]
         conf = _confidences(state, plan, result, settled, after[settled])
         self.steps += 1
-        ev = {"step": self.steps, "phase": _phase(state, plan), "rows": plan.rows, "length": len(after),
+        parts = state.partition()
+        phase = "refresh" if plan.refresh else ("pruned" if parts is not None else "step")
+        ev = {"step": self.steps, "phase": phase, "rows": plan.rows, "length": len(after),
               "committed": [[int(p), int(t), c] for p, t, c in zip(settled, after[settled], conf)],
               "masks": int((after == mask).sum())}
         remasked = changed[after[changed] == mask]
         if len(remasked):
             ev["remasked"] = remasked.tolist()
-        parts = state.partition()
         if parts is not None:
             ev["partition"] = {name: _runs(pos - state.prompt_len) for name, pos in parts.items()}
         if self.full:
             ev["canvas"] = after.tolist()
         return ev
-
-
-def _phase(state, plan) -> str:
-    if plan.refresh:
-        return "refresh"
-    return "pruned" if state.partition() is not None else "step"
 
 
 def _confidences(state, plan, result, settled: np.ndarray, tokens: np.ndarray) -> list[float | None]:
