@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoding.sampling import argmax
+from .decoding.sampling import argmax, sample_rows
 from .decoding.step import Rows, Segment, StepPlan, StepResult, Verify, log_prob
 from .model import AttnGroup, DiffusionLM, ForwardBatch, Ragged
 from .model.causal import keep, load_verifier
@@ -60,7 +60,7 @@ class ModelRunner:
                 fb, flat = self._pack_padded(segs)
                 logits = self.model.forward(fb).flatten(0, 1)[flat]  # [B, R, V] -> [M, V]
             self._ban(logits, segs)
-            choices = self._greedy(logits, segs)
+            choices = self._choose(logits, segs)
             if logits.device.type != "cpu":  # the states' canvases and bookkeeping live on the host: one copy
                 logits = logits.cpu()
                 choices = [tuple(None if t is None else t.cpu() for t in c) for c in choices]
@@ -92,10 +92,12 @@ class ModelRunner:
                 cols.append(np.tile(np.asarray(ids, dtype=np.int64), len(r)))
         logits[self._t(np.concatenate(rows)), self._t(np.concatenate(cols))] = BANNED_LOGIT
 
-    def _greedy(self, logits: torch.Tensor, segs: list[_Segment]) -> list[tuple]:
-        """Per segment: (argmax [R], its probability [R], log-probability [R]) if it asked, else Nones; computed
-        in one op over the rows of every segment that asked. A row's softmax does not depend on the other rows, so
-        the batched result equals each request's own."""
+    def _choose(self, logits: torch.Tensor, segs: list[_Segment]) -> list[tuple]:
+        """Per segment: (token [R], its probability [R], log-probability [R]) if it asked (Segment.greedy), else
+        Nones; computed in one op over the rows of every segment that asked. The token is the argmax, or for a
+        segment with `sample` a draw from softmax(logits / T) with one uniform per row from the request's own
+        generator (`sample_rows`): a row's result depends on its logits and its request's draws only, so the
+        batched result equals each request's own."""
         counts = [len(s.candidates) for s in segs]
         none = (None, None, None)
         if not any(s.greedy for s in segs):
@@ -105,14 +107,34 @@ class ModelRunner:
         if not all(s.greedy for s in segs):  # only the rows of the segments that asked
             rows = logits[self._t(np.concatenate([np.arange(e - c, e) for e, c, s in zip(ends, counts, segs)
                                                   if s.greedy]))]
-        greedy = argmax(rows)  # [M']
-        prob = torch.gather(F.softmax(rows, dim=-1), -1, greedy[:, None])[:, 0]  # [M']
+        token = argmax(rows)  # [M']
+        asked = [(c, s) for c, s in zip(counts, segs) if s.greedy]
+        if any(s.sample is not None for _, s in asked):
+            self._sample(rows, token, asked)
+        prob = torch.gather(F.softmax(rows, dim=-1), -1, token[:, None])[:, 0]  # [M']
         logprob = log_prob(prob)
         out, m = [], 0
         for c, s in zip(counts, segs):
-            out.append((greedy[m:m + c], prob[m:m + c], logprob[m:m + c]) if s.greedy else none)
+            out.append((token[m:m + c], prob[m:m + c], logprob[m:m + c]) if s.greedy else none)
             m += c if s.greedy else 0
         return out
+
+    def _sample(self, rows: torch.Tensor, token: torch.Tensor, asked: list[tuple[int, _Segment]]) -> None:
+        """Overwrite the sampling segments' tokens in `token` [M'] with their draws (rows [M', V])."""
+        which, temps, draws, m = [], [], [], 0
+        for c, s in asked:
+            if s.sample is not None and c:
+                temperature, gen = s.sample
+                which.append(np.arange(m, m + c))
+                temps.append(np.full(c, temperature))
+                draws.append(torch.rand(c, dtype=torch.float64, generator=gen,  # [c]
+                                        device="cpu" if gen is None else gen.device))
+            m += c
+        if not which:
+            return
+        idx = self._t(np.concatenate(which))
+        temperature = self._t(np.concatenate(temps))  # [S]
+        token[idx] = sample_rows(rows[idx], temperature, torch.cat([d.to(rows.device) for d in draws]))
 
     def _verify(self, v: Verify) -> torch.Tensor:
         lm = self.verifiers.get(v.model) or self.verifiers.setdefault(v.model, load_verifier(v.model))
@@ -216,7 +238,7 @@ class _Segment:
         self.ids, self.positions, self.candidates = seg.ids, seg.positions, seg.logits_rows
         self.slots, self.key_slots = slot_map[seg.slots], slot_map[seg.keys]
         self.keys, self.canvas, self.rope_full_precision = seg.keys, seg.canvas, seg.rope_full_precision
-        self.greedy, self.ban = seg.greedy, seg.ban
+        self.greedy, self.sample, self.ban = seg.greedy, seg.sample, seg.ban
 
 
 def _rope_rule(segs: list[_Segment]):

@@ -218,14 +218,17 @@ def llm():
 
 def test_engine_output_equals_offline_window_and_is_batch_invariant(llm):
     """At temperature 0 (float32, CPU) a request's tokens are the same alone, in a batch with companions of other
-    prompt lengths and options, and through the offline `window` driver."""
+    prompt lengths and options, and through the offline `window` driver; so are a sampled request's (temperature
+    0.7: the runner draws every sampled segment's tokens in one op, each from its request's own generator)."""
     from diffuserve.engine.runner import ModelRunner
 
     pool = KVPool.for_model(llm.model, 64 << 20)
     engine = Engine(llm.model, Scheduler(Limits(), pool), ModelRunner(llm.model, pool))
     base = WindowOptions(gen_length=48, window_tokens=24, active_tokens=6, refresh_cycle=6)
-    variants = [base, base.with_(threshold=0.7), base.with_(refresh="full"), base.with_(gen_length=32, steps=16)]
-    prompts = ["ROMEO.\n", "JULIET.\nO Romeo, Romeo,", "KING LEAR.\n", "HAMLET.\nTo be, or not to be"]
+    variants = [base, base.with_(threshold=0.7), base.with_(refresh="full"), base.with_(gen_length=32, steps=16),
+                base.with_(temperature=0.7), base.with_(temperature=1.0, threshold=0.5)]
+    prompts = ["ROMEO.\n", "JULIET.\nO Romeo, Romeo,", "KING LEAR.\n", "HAMLET.\nTo be, or not to be",
+               "MACBETH.\n", "OTHELLO.\nIt is the cause"]
     jobs = [(llm.encode(p), variants[i % len(variants)]) for i, p in enumerate(prompts)]
 
     def run(selected):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from diffuserve.engine.decoding.sampling import (dream_commit_count, factor_select, gumbel_perturb, llada_schedule,
-                                      sample_tokens, shift_logits, threshold_select, top_k_filter, top_p_filter)
+                                      sample_rows, sample_tokens, shift_logits, threshold_select, top_k_filter,
+                                      top_p_filter)
 
 
 def test_llada_schedule_spreads_the_remainder_first():
@@ -71,3 +72,24 @@ def test_sample_tokens_confidences():
 def test_shift_logits_duplicates_row_zero():
     logits = torch.arange(4.0).view(1, 4, 1)
     assert shift_logits(logits).flatten().tolist() == [0.0, 0.0, 1.0, 2.0]
+
+
+def test_sample_rows_draws_softmax_over_temperature_and_never_a_banned_token():
+    """Inverse-CDF draws: each row's frequencies follow softmax(logits / T) (T per row), the same law as the
+    Gumbel-max draw; a token at BANNED_LOGIT never comes out, even at u = 0 or just below 1."""
+    from diffuserve.engine.runner import BANNED_LOGIT
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, BANNED_LOGIT, -1.0], [BANNED_LOGIT, 0.5, 0.5, 3.0, BANNED_LOGIT]])
+    temps = torch.tensor([0.7, 2.0])
+    n = 40_000
+    g = torch.Generator().manual_seed(3)
+    rows, t = logits.repeat(n, 1), temps.repeat(n)  # [2n, V]: the two rows alternate
+    tokens = sample_rows(rows, t, torch.rand(2 * n, dtype=torch.float64, generator=g)).view(n, 2)
+    for r in range(2):
+        want = torch.softmax(logits[r] / temps[r], -1)
+        got = torch.bincount(tokens[:, r], minlength=5).double() / n
+        assert got[want == 0].sum() == 0
+        sd = (want * (1 - want) / n).sqrt()
+        assert ((got - want).abs() <= 5 * sd + 1e-12).all(), (got, want)
+    edge = sample_rows(logits, temps, torch.tensor([0.0, 1.0 - 2 ** -53], dtype=torch.float64))
+    assert edge.tolist() == [0, 3]  # the first and the last token of positive probability

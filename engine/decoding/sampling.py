@@ -26,6 +26,19 @@ def gumbel_perturb(logits: torch.Tensor, temperature: float, gen: torch.Generato
     return logits.exp() / (-torch.log(u)) ** temperature
 
 
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature) by inverse CDF: logits [M, V], temperature [M] (> 0),
+    u [M] uniform in [0, 1) (float64) -> [M]. The same distribution as the Gumbel-max draw (`gumbel_perturb`,
+    argmax of l - T log(-log u) is a sample of softmax(l / T)) from one uniform per row instead of one per logit:
+    4x less work on CPU at a 4k vocabulary (no float64 pow over [M, V]), and one batched op for every request.
+    The CDF accumulates in float64 (a 126k-entry float32 sum drifts by ~1e-3); a token of probability 0 (banned) is
+    never drawn: `right=True` needs cdf[i - 1] <= target < cdf[i]."""
+    probs = F.softmax(logits.float() / temperature[:, None].float(), dim=-1)  # [M, V]
+    cdf = probs.double().cumsum(-1)  # [M, V]
+    target = (u.to(cdf.device, torch.float64) * cdf[:, -1])[:, None]  # [M, 1]: u scaled to the row's total
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max(logits.shape[-1] - 1)
+
+
 def chosen_probability(logits: torch.Tensor, x0: torch.Tensor, rows: torch.Tensor,
                        dtype: torch.dtype | None = None) -> torch.Tensor:
     """softmax(logits)[x0] at the positions `rows` marks (bool like x0), -inf elsewhere; softmax in `dtype` (default

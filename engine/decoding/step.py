@@ -48,6 +48,9 @@ class Segment:
     # The runner also computes each requested row's greedy token and its probability, for all such segments of the
     # step at once (a temperature-0 commit's three small ops per request cost more than one batched op).
     greedy: bool = False
+    # With greedy: (temperature > 0, the request's generator): the token is drawn from softmax(logits / temperature)
+    # instead of taken as the argmax, for every such segment of the step at once (`sampling.sample_rows`).
+    sample: tuple[float, torch.Generator] | None = None
     # (logits rows [r], token ids): tokens these rows may not choose, their logits set far below any other's. The
     # engine sets it (min_tokens, ignore_eos: no EOS before a position), never the method.
     ban: tuple[np.ndarray, tuple[int, ...]] | None = None
@@ -77,11 +80,11 @@ class StepPlan:
 @dataclass
 class Rows:
     """One segment's share of a step's output: its requested rows' logits and, computed for the whole batch at once,
-    each row's greedy token and its probability (what a temperature-0 commit needs)."""
+    each row's chosen token (the argmax, or a draw with Segment.sample) and its probability (what a commit needs)."""
 
     logits: torch.Tensor  # [R, V]
-    greedy: torch.Tensor | None = None  # [R] argmax token (segments that asked: Segment.greedy)
-    prob: torch.Tensor | None = None  # [R] its softmax probability, in the logits' dtype
+    greedy: torch.Tensor | None = None  # [R] argmax token, or the drawn one (segments that asked: Segment.greedy)
+    prob: torch.Tensor | None = None  # [R] its softmax probability (at temperature 1), in the logits' dtype
     logprob: torch.Tensor | None = None  # [R] float32 log of prob (floored at 1e-30), what logprobs report
 
     @classmethod
@@ -218,13 +221,15 @@ def new_canvas(prompt: torch.Tensor, gen_length: int, mask_id: int) -> torch.Ten
 
 def segment(ids: torch.Tensor | np.ndarray, positions: np.ndarray, keys: np.ndarray, base: int = 0,
             canvas: int = 0, logits_rows: np.ndarray | None = None, slots: np.ndarray | None = None,
-            rope_full_precision: bool | None = None, greedy: bool = False) -> Segment:
+            rope_full_precision: bool | None = None, greedy: bool = False,
+            sample: tuple[float, torch.Generator] | None = None) -> Segment:
     """Rows `ids` at `positions`, written to slots base + positions (or base + `slots`), attending base + keys."""
     ids = ids.numpy() if isinstance(ids, torch.Tensor) else ids
     rows = np.arange(len(positions)) if logits_rows is None else logits_rows
     return Segment(ids=np.array(ids, dtype=np.int64), positions=positions,  # a copy: the canvas moves on
                    slots=base + (positions if slots is None else slots), keys=base + keys, logits_rows=rows,
-                   canvas=canvas, rope_full_precision=rope_full_precision, greedy=greedy)
+                   canvas=canvas, rope_full_precision=rope_full_precision, greedy=greedy,
+                   sample=sample)
 
 
 def span_plan(ids: torch.Tensor, start: int, key_len: int, canvas: int, refresh: bool = False,

@@ -29,12 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..model import ModelSpec
 from .options import Stepped
 from .registry import ANY, check, register
-from .sampling import argmax, gumbel_perturb, llada_schedule, threshold_select
+from .sampling import llada_schedule, threshold_select
 from .step import DecodeState, StepPlan, StepResult, segment
 
 
@@ -200,23 +199,20 @@ class WindowDecoder(DecodeState):
             rows = np.searchsorted(pos, before)
         else:
             rows = np.searchsorted(pos, self.targets)
-        return StepPlan([segment(self.xn[pos], pos, keys, canvas=n, logits_rows=rows,
-                                 greedy=self.opts.temperature == 0)], refresh=refresh)
+        sample = (self.opts.temperature, self.gen) if self.opts.temperature > 0 else None
+        return StepPlan([segment(self.xn[pos], pos, keys, canvas=n, logits_rows=rows, greedy=True, sample=sample)],
+                        refresh=refresh)
 
     def commit(self, plan: StepPlan, result: StepResult) -> None:
-        """The candidates' logits [R, V]: choose, commit, advance the phase. At temperature 0 the greedy tokens and
-        their probabilities the runner computed for the whole batch are exactly what this would compute."""
+        """The candidates' logits [R, V]: choose, commit, advance the phase. The tokens (argmax, or at a temperature
+        a draw from softmax(logits / T)) and their probabilities come from the runner, computed for the whole batch
+        at once (a sampled draw on each request's own generator)."""
         was_refresh = self.phase is WindowPhase.REFRESH
         self.forward_calls += 1
         self.refresh_calls += int(was_refresh)
         seg, rows = plan.segments[0], result.rows[0]
         if len(seg.logits_rows):
-            if self.opts.temperature == 0:
-                x0, conf, logprob = rows.choice
-            else:
-                x0 = argmax(gumbel_perturb(rows.logits, self.opts.temperature, self.gen))
-                conf = torch.gather(F.softmax(rows.logits, dim=-1), -1, x0[:, None])[:, 0]
-                logprob = conf.float().clamp_min(1e-30).log()
+            x0, conf, logprob = rows.choice
             pick = self._pick(conf, frontier=True)  # indices into the candidates
             pos = self.targets[pick.numpy()]
             self.xr[pos] = x0[pick]
