@@ -44,12 +44,12 @@ METHOD_OPTIONS = {
     "fast_dllm_dual": dict(block_length=BLOCK, threshold=0.9),
     "window_llada": dict(),
     "streaming_llada": dict(block_length=BLOCK, threshold=0.9),
-    # our mode, chosen with bench.sweep on tiny-task's tune prompts at 1024 (docs/benchmarks.md): 32 active masks,
-    # threshold 0.9, a step with no sure candidate commits the best of the first 4 masks (after 3 such steps even
-    # when others commit), active masks within 48 positions of the first, commits recomputed once, refreshes of the
-    # masks only
+    # our mode, chosen on tiny-task's tune prompts at 1024 (docs/benchmarks.md): 32 active masks, threshold 0.9, a
+    # step with no sure candidate commits the best of the first 4 masks (after 3 such steps even when others commit),
+    # active masks within 48 positions of the first, commits recomputed once, refreshes of the masks only, every 4
+    # steps; each run of adjacent masks commits its best candidate once it predicted the same token 3 times in a row
     "window": dict(threshold=0.9, active_tokens=32, span=48, force="frontier", stall_steps=3, fresh="once",
-                   refresh="buffer"),
+                   refresh="buffer", refresh_cycle=4, stable=3),
     "freecache": dict(block_length=BLOCK, threshold=0.9),
     "guided": dict(),
     # the Dream family's: its vanilla (`dream`, Dream's own sampler: one block, entropy order) and the block methods,

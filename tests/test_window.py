@@ -183,3 +183,29 @@ def test_span_keeps_candidates_and_commits_near_the_first_mask(model, threshold)
         changed = set((dec.x[0] != before).nonzero()[:, 0].tolist())
         assert changed and changed <= near, "committed outside the span"
     assert spread > 10 and not (dec.x == model.spec.mask_id).any()
+
+
+def test_stable_commits_each_runs_best_candidate_once_its_prediction_repeats(model):
+    """stable=S: below the threshold, the most confident candidate of each run of adjacent masks (runs split by
+    decoded tokens) commits once its predicted token has been the same S computations in a row; a changed
+    prediction starts its count again; a sure candidate commits as always."""
+    opts = WindowOptions(gen_length=32, threshold=0.9, active_tokens=16, force="frontier", stable=2)
+    dec = WindowDecoder(model.spec, torch.tensor(_prompts(1)[:1]), opts, None)
+    g = dec.prompt_len
+    dec.xr[[g + 3, g + 7]] = 5  # decoded tokens split the first masks into runs [g, g+3), [g+4, g+7), [g+8, ...)
+    dec._masks = None
+    dec.plan()
+    t = dec.targets.tolist()
+    assert t[:8] == [g, g + 1, g + 2, g + 4, g + 5, g + 6, g + 8, g + 9] and len(t) == 16
+    conf = torch.full((16,), 0.1, dtype=torch.float64)
+    conf[t.index(g + 1)], conf[t.index(g + 5)], conf[t.index(g + 12)] = 0.3, 0.2, 0.25  # each run's best
+    pred = torch.arange(16) + 10
+    first = dec._pick(conf, pred=pred).tolist()
+    assert first == [t.index(g + 1)]  # no repeat yet: the frontier's best alone (force="frontier")
+    second = dec._pick(conf, pred=pred).tolist()
+    assert second == [t.index(g + 1), t.index(g + 5), t.index(g + 12)]
+    pred[t.index(g + 5)] = 99  # run 2's best changed its mind: it waits
+    conf[t.index(g + 13)] = 0.95  # sure: commits by the threshold, and is now run 3's best (g + 12 is not)
+    third = dec._pick(conf, pred=pred).tolist()
+    assert third == [t.index(g + 1), t.index(g + 13)]
+    assert dec._pick(conf, pred=pred).tolist() == [t.index(g + 1), t.index(g + 5), t.index(g + 13)]

@@ -72,6 +72,12 @@ class WindowOptions(Stepped):
     # far right they reach). Masks spread out as sure tokens commit right of a free choice; far from the decoded
     # text the model places even a sure token (a full stop) one position off.
     span: int | None = None
+    # With a threshold: in each run of adjacent candidate masks, the most confident one commits even below the
+    # threshold once its predicted token has been the same in its last `stable` computations (None: off). A free
+    # choice (any word of a category) never becomes sure, but its prediction stops changing once its surroundings
+    # are settled; waiting for it buys nothing, and runs split by decoded tokens settle side by side. (The most
+    # confident of a run: a slot whose kind is clear goes before a neighbour the model still reads as another kind.)
+    stable: int | None = None
 
 
 def _validate(opts: WindowOptions) -> None:
@@ -81,6 +87,7 @@ def _validate(opts: WindowOptions) -> None:
     check(opts.stall_steps > 0, "stall_steps must be positive")
     check(opts.force in ("best", "frontier"), "force must be 'best' or 'frontier'")
     check(opts.span is None or opts.span > 0, "span must be positive")
+    check(opts.stable is None or opts.stable > 1, "stable must be at least 2 (computations in a row)")
     check(opts.threshold is None or 0 < opts.threshold <= 1, "threshold must be in (0, 1]")
     check(min(opts.window_tokens, opts.active_tokens, opts.refresh_cycle) > 0,
           "window_tokens, active_tokens and refresh_cycle must be positive")
@@ -116,6 +123,9 @@ class WindowDecoder(DecodeState):
         self.next_window = self.window  # the window a refresh step computes (before its own commits)
         self.fresh = np.empty(0, dtype=np.int64)  # committed this phase: stay active until the next refresh
         self._masks: np.ndarray | None = None  # masked positions, cached until the canvas changes
+        # per position: the token its last computation predicted, and in how many computations in a row (`stable`)
+        self.last_pred = np.full(len(self.xn), -1, dtype=np.int64)
+        self.streak = np.zeros(len(self.xn), dtype=np.int64)
 
     @property
     def done(self) -> bool:
@@ -213,7 +223,7 @@ class WindowDecoder(DecodeState):
         seg, rows = plan.segments[0], result.rows[0]
         if len(seg.logits_rows):
             x0, conf, logprob = rows.choice
-            pick = self._pick(conf, frontier=True)  # indices into the candidates
+            pick = self._pick(conf, frontier=True, pred=x0)  # indices into the candidates
             pos = self.targets[pick.numpy()]
             self.xr[pos] = x0[pick]
             self._masks = None
@@ -255,13 +265,17 @@ class WindowDecoder(DecodeState):
         chosen[self._pick(conf)] = True
         return chosen
 
-    def _pick(self, conf: torch.Tensor, frontier: bool = False) -> torch.Tensor:
-        """-> indices of the candidates this step commits (frontier: apply the stalled-frontier rule)."""
+    def _pick(self, conf: torch.Tensor, frontier: bool = False, pred: torch.Tensor | None = None) -> torch.Tensor:
+        """-> indices of the candidates this step commits (frontier: apply the stalled-frontier rule; pred: the
+        candidates' predicted tokens, for the `stable` rule)."""
         if self.opts.threshold is not None:
             if self.opts.force == "best":
                 chosen = threshold_select(conf[None], self.opts.threshold)[0]
             else:
                 chosen = conf >= self.opts.threshold
+            if self.opts.stable is not None and pred is not None:
+                settled = self._stable(pred.numpy()) & self._run_best(conf.float().numpy())
+                chosen = chosen | torch.from_numpy(settled)
             if frontier:
                 chosen = self._keep_frontier_moving(conf, chosen)
             if not chosen.any():  # force "frontier": a step commits at least the best of the first FRONTIER masks
@@ -272,6 +286,24 @@ class WindowDecoder(DecodeState):
         # (torch.topk as top_k_select calls it: the same ties, without the bool mask round trip.)
         k = self.counts[self.step] if self.step < len(self.counts) else 1
         return torch.topk(conf, k=min(k, conf.shape[0])).indices
+
+    def _run_best(self, conf: np.ndarray) -> np.ndarray:
+        """conf [R] -> bool [R]: the most confident candidate of each run of adjacent positions (the candidates,
+        ascending, split wherever a decoded token lies between two of them)."""
+        run = np.concatenate([[0], np.cumsum(np.diff(self.targets) > 1)])  # [R] run index of each candidate
+        order = np.lexsort((-conf, run))  # by run, then most confident first
+        best = np.zeros(len(conf), dtype=bool)
+        best[order[np.concatenate([[True], np.diff(run[order]) > 0])]] = True  # each run's first in that order
+        return best
+
+    def _stable(self, pred: np.ndarray) -> np.ndarray:
+        """pred [R]: this step's predictions for the candidates -> bool [R]: predicted the same `stable` times in a
+        row (counting this one)."""
+        t = self.targets
+        same = self.last_pred[t] == pred
+        self.streak[t] = np.where(same, self.streak[t] + 1, 1)
+        self.last_pred[t] = pred
+        return self.streak[t] >= self.opts.stable
 
     def _advance(self) -> None:
         masks = self.masks()
