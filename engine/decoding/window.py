@@ -11,6 +11,8 @@ Built from the same parts as the reference `window_llada`, with the changes a se
    position left to work on;
  - `span`: the active masks stay within a number of positions of the first mask (the first A masks can reach far
    right once the tokens between them have committed);
+ - `stable`: with a threshold, each run of adjacent candidates commits its most confident one once its prediction
+   has repeated that many computations in a row (free choices never get sure, but they settle side by side);
  - `fresh`: a committed token is recomputed as itself every step until the refresh ("phase", the reference) or in
    the next step only ("once"): its K/V then stay as computed, like a prefix cache's, which on tiny-task at 1024
    cut query rows per token from 24.8 to 15.5 (and to 7 with buffer refreshes) at the same answers.
